@@ -1,0 +1,38 @@
+# mlplab: `make help` lists the targets.
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/xor.yaml
+STORE  ?= sqlite:///mlruns/mlflow.db
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-all lint ui clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv/ and install mlplab into it (with the dev tools)
+
+train: $(STAMP) ## train CONFIG (default configs/xor.yaml) into the MLflow store under mlruns/
+	$(BIN)/mlplab fit --config $(CONFIG)
+
+test: $(STAMP) ## run the test suite, without the slow real-data runs
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: $(STAMP) ## run every test, the slow real-data runs too
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff over the sources and tests
+	$(BIN)/ruff check src tests
+
+ui: $(STAMP) ## the MLflow UI on the project's store, at http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000
+
+clean: ## remove the venv and caches (the runs in mlruns/ stay)
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,175 @@
+"""`mlplab fit|validate|test|predict --config configs/NAME.yaml`: LightningCLI wired to MLflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from mlplab.data.base import ArrayDataModule
+from mlplab.models.tasks import MLPTask
+from mlplab.predict import PredictionWriter
+from mlplab.tracking import MLflowLogger, MLflowSaveConfig, log_model
+
+
+class _Parser(LightningArgumentParser):
+    """jsonargparse's parser, but a mistake prints the error and a tip, not 100 lines of usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\ntip: `{prog} --help` lists the options\n")
+        self.exit(2)
+
+
+class MLPLabCLI(LightningCLI):
+    """LightningCLI with shapes linked from data to model, MLflow as the logger, and a `fit`
+    that ends with the best checkpoint evaluated on the test split and logged as a model."""
+
+    def __init__(self, args=None, run: bool = True) -> None:
+        super().__init__(
+            MLPTask,
+            ArrayDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=MLflowSaveConfig,
+            save_config_kwargs={"save_to_log_dir": False},
+            auto_configure_optimizers=False,
+            parser_class=_Parser,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--experiment_name",
+            type=str | None,
+            default=None,
+            help="MLflow experiment (default: the first config file's name)",
+        )
+        parser.add_argument("--run_name", type=str | None, default=None, help="MLflow run name")
+        parser.add_argument(
+            "--tracking_uri",
+            type=str | None,
+            default=None,
+            help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)",
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit: evaluate the best checkpoint on the test split, if the data has one",
+        )
+        parser.add_argument(
+            "--num_threads",
+            type=int,
+            default=1,
+            help="torch CPU threads; 1 suits small MLPs best (0 keeps torch's default)",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": MLPTask.monitor,
+                "checkpoint.filename": "best-{epoch}",
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.link_arguments(
+            "data.num_features", "model.init_args.num_features", apply_on="instantiate"
+        )
+        # classification data has num_classes, regression data num_targets: jsonargparse skips the
+        # link whose source attribute the chosen datamodule lacks
+        for shape in ("num_classes", "num_targets"):
+            parser.link_arguments(
+                f"data.{shape}", f"model.init_args.{shape}", apply_on="instantiate"
+            )
+        parser.link_arguments(
+            "data.standardize", "model.init_args.standardize", apply_on="instantiate"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        threads = self.config[self.subcommand].num_threads
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config[self.subcommand]
+        wanted = self._get(self.config_init, "trainer", default={}).get("logger")
+        if self.subcommand == "predict":
+            kwargs["logger"] = False
+            kwargs["callbacks"] = [PredictionWriter()]
+        elif wanted is None or wanted is True:
+            kwargs["logger"] = MLflowLogger(
+                experiment_name=config.experiment_name or self.config_name(),
+                run_name=config.run_name,
+                tracking_uri=config.tracking_uri,
+                tags={"mlplab.command": self.subcommand},
+            )
+        return super().instantiate_trainer(**kwargs)
+
+    def config_name(self) -> str:
+        """The first config file's stem (`configs/xor.yaml` -> `xor`), else the data's class."""
+        files = self.config[self.subcommand].get("config") or []
+        if files:
+            return Path(str(files[0])).stem
+        return type(self.datamodule).__name__.removesuffix("DataModule").lower()
+
+    def after_fit(self) -> None:
+        trainer, datamodule = self.trainer, self.datamodule
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        metrics = dict(trainer.callback_metrics)  # the last epoch's, before testing replaces them
+        if self.config.fit.test_after_fit and "test" in getattr(datamodule, "splits", ()):
+            trainer.test(self.model, datamodule=datamodule, ckpt_path="best" if best else None)
+            metrics.update(trainer.callback_metrics)
+        elif best:
+            state = torch.load(best, map_location=self.model.device, weights_only=False)
+            self.model.load_state_dict(state["state_dict"])
+        if not trainer.is_global_zero:
+            return
+        print(
+            "mlplab: "
+            + "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()) if "/" in k)
+        )
+        logger = trainer.logger
+        if isinstance(logger, MLflowLogger):
+            example = datamodule.data[next(iter(datamodule.data))][0]
+            uri = log_model(logger, self.model, example)
+            print(f"mlplab: run {logger.run_id} ({logger.name}), model {uri}")
+
+
+def _quiet() -> None:
+    """Silence advice that does not apply to in-memory data and epoch-level logging."""
+    for message in (
+        r".*does not have many workers",  # batches are tensor slices: workers would only add IPC
+        r".*smaller than the logging interval",  # mlplab logs per epoch
+        r".*LeafSpec",  # a deprecation inside Lightning itself
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip")
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    _quiet()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["predict"] and "--input" in argv:
+        from mlplab.predict import main as predict_main
+
+        predict_main(argv[1:])
+        return
+    MLPLabCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

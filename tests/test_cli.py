@@ -1,0 +1,214 @@
+"""Through the real entry point: every config runs, seed numbers are reached, MLflow has it all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import CONFIGS, ROOT, config, run_mlplab
+from mlplab.cli import main
+
+XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+
+
+def only_run(store: str, experiment: str):
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    assert len(runs) == 1, f"expected one run in {experiment!r}, found {len(runs)}"
+    return runs[0]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_runs_fit_with_fast_dev_run(path, store):
+    main(["fit", "--config", str(path), "--trainer.fast_dev_run", "true"])
+
+
+@pytest.fixture(scope="module")
+def xor_run(tmp_path_factory):
+    """One real XOR training run (seed 000's config) in its own store, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("xor")
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(tmp)
+    main(["fit", "--config", config("xor"), "--run_name", "xor-e2e"])
+    mlflow.set_tracking_uri(uri)
+    yield only_run(uri, "xor"), tmp
+    mp.undo()
+
+
+def test_xor_reaches_all_four_points(xor_run):
+    run, _ = xor_run
+    assert run.data.metrics["test/acc"] == 1.0
+    assert run.info.status == "FINISHED" and run.info.run_name == "xor-e2e"
+
+
+def test_run_records_flattened_params_and_the_resolved_config(xor_run):
+    run, _ = xor_run
+    params = run.data.params
+    assert params["model"] == "mlplab.models.Classifier"
+    assert params["model.hidden_sizes"] == "[4, 4]"
+    assert float(params["model.lr"]) == 0.02
+    assert params["model.optimizer"] == "torch.optim.Adam"
+    assert params["data"] == "mlplab.data.XORDataModule"
+    assert params["trainer.max_epochs"] == "100"
+    assert params["data.num_features"] == "2" and params["data.num_classes"] == "2"  # linked
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
+    resolved = yaml.safe_load(text)
+    assert resolved["model"]["init_args"]["hidden_sizes"] == [4, 4]
+    assert resolved["trainer"]["max_epochs"] == 100
+
+
+def test_metrics_are_per_epoch_with_the_epoch_as_step(xor_run):
+    run, _ = xor_run
+    history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(100))
+    assert history[-1].value < history[0].value / 5
+    assert "epoch" not in run.data.metrics
+
+
+def test_checkpoints_live_in_the_runs_folder(xor_run):
+    run, tmp = xor_run
+    folder = tmp / "mlruns" / "xor" / run.info.run_id
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert any((folder / "checkpoints").glob("best-*.ckpt"))
+    assert not (tmp / "lightning_logs").exists() and not list(tmp.glob("*.ckpt"))
+
+
+def test_logged_model_loads_with_pyfunc_and_solves_xor(xor_run):
+    run, _ = xor_run
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    probabilities = np.asarray(model.predict(XOR)).reshape(-1)
+    assert (probabilities > 0.5).astype(int).tolist() == [0, 1, 1, 0]
+    assert model.metadata.signature is not None
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 2)
+
+
+def test_predict_from_the_mlflow_model_and_from_the_checkpoint(xor_run, tmp_path):
+    run, tmp = xor_run
+    np.savetxt(tmp_path / "x.csv", XOR, delimiter=",", header="x1,x2", comments="")
+    best = next((tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt"))
+    for source in (f"runs:/{run.info.run_id}/model", str(best)):
+        out = tmp_path / "p.csv"
+        main(
+            ["predict", "--model", source, "--input", str(tmp_path / "x.csv"), "--output", str(out)]
+        )
+        predicted = np.loadtxt(out, delimiter=",", skiprows=1)
+        assert (predicted > 0.5).astype(int).tolist() == [0, 1, 1, 0]
+
+
+def test_predict_subcommand_with_a_config_writes_the_test_split_predictions(xor_run):
+    run, tmp = xor_run
+    best = next((tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt"))
+    main(["predict", "--config", config("xor"), "--ckpt_path", str(best)])
+    predicted = np.loadtxt(tmp / "predictions.csv", delimiter=",", skiprows=1)
+    assert (predicted > 0.5).astype(int).tolist() == [0, 1, 1, 0]
+
+
+@pytest.mark.parametrize(
+    "name, metric, check",
+    [
+        ("iris_classification", "val/acc", lambda v: v >= 0.93),  # seed: 0.96
+        ("iris_regression", "val/r2", lambda v: v >= 0.85),  # seed: 0.90
+        ("digits", "val/acc", lambda v: 1 - v <= 0.08),  # seed: held-out error 0.068
+        ("moons", "test/acc", lambda v: v >= 0.97),  # seed: ~100 % training accuracy
+    ],
+)
+def test_seed_experiment_reaches_its_reference(name, metric, check, store):
+    main(["fit", "--config", config(name)])
+    run = only_run(store, name)
+    value = run.data.metrics[metric]
+    assert check(value), f"{name}: {metric} = {value:.4f}"
+
+
+def test_validate_and_test_subcommands_log_their_own_run(xor_run, store):
+    run, tmp = xor_run
+    best = next((tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt"))
+    main(
+        [
+            "test",
+            "--config",
+            config("xor"),
+            "--ckpt_path",
+            str(best),
+            "--experiment_name",
+            "xor-eval",
+        ]
+    )
+    tested = only_run(store, "xor-eval")
+    assert tested.data.metrics["test/acc"] == 1.0
+    assert tested.data.tags["mlplab.command"] == "test"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.init_args.nope", "3"], "nope"),
+        (["--model.activation", "swish"], "swish"),
+        (["--model.lr", "fast"], "fast"),
+        (["--trainer.max_epochs", "-x"], "max_epochs"),
+    ],
+)
+def test_bad_config_exits_non_zero_with_jsonargparse_message_and_no_traceback(
+    args, message, tmp_path
+):
+    result = run_mlplab("fit", "--config", config("xor"), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns").exists()  # nothing written to a store
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = run_mlplab("fit", "--config", "configs/none.yaml", cwd=tmp_path)
+    assert (
+        result.returncode == 2 and "none.yaml" in result.stderr and "Traceback" not in result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("1,2,3\n", "3 features per row but the model takes 2"),
+        ("0,1\n1,x\n", "row 2, column 2 is 'x', not a number"),
+        ("", "is empty"),
+        ("0,1\n1,\n", "NaN"),
+    ],
+)
+def test_predict_rejects_bad_input_in_one_line(xor_run, tmp_path, content, message):
+    run, _ = xor_run
+    (tmp_path / "x.csv").write_text(content)
+    result = run_mlplab(
+        "predict",
+        "--model",
+        f"runs:/{run.info.run_id}/model",
+        "--input",
+        str(tmp_path / "x.csv"),
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()},
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_predict_names_a_missing_checkpoint(tmp_path):
+    (tmp_path / "x.csv").write_text("0,1\n")
+    result = run_mlplab("predict", "--model", "nope.ckpt", "--input", "x.csv", cwd=tmp_path)
+    assert result.returncode == 2 and "checkpoint nope.ckpt does not exist" in result.stderr
+
+
+def test_console_script_trains_into_the_default_store(tmp_path):
+    """`mlplab fit` from a project folder writes to ./mlruns/mlflow.db, nowhere else."""
+    env = {"MLFLOW_TRACKING_URI": ""}
+    result = run_mlplab(
+        "fit", "--config", config("xor"), "--trainer.max_epochs", "2", cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns"]
+    assert Path(tmp_path / "mlruns" / "xor").is_dir()

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from mlplab.data import IrisClassificationDataModule
+from mlplab.models import Classifier, Regressor
+
+
+def test_binary_classifier_has_one_logit_and_sigmoid_probabilities():
+    task = Classifier(num_features=2, num_classes=2, hidden_sizes=[4])
+    x = torch.randn(6, 2)
+    assert task(x).shape == (6, 1)
+    probs = task.inference_module()(x)
+    assert probs.shape == (6, 1) and ((probs > 0) & (probs < 1)).all()
+    loss = task.loss(task(x), torch.tensor([0, 1, 1, 0, 1, 0]))
+    assert loss.ndim == 0 and loss > 0
+
+
+def test_multiclass_classifier_outputs_a_softmax():
+    task = Classifier(num_features=4, num_classes=3, hidden_sizes=[8])
+    probs = task.inference_module()(torch.randn(5, 4))
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+
+
+def test_mse_classifier_has_a_linear_output_thresholded_at_one_half():
+    task = Classifier(num_features=2, num_classes=2, hidden_sizes=[2], loss="mse")
+    logits = torch.tensor([[1.7], [0.4], [-0.3], [0.6]])
+    labels, _ = task.metric_inputs(logits, torch.zeros(4, dtype=torch.long))
+    assert labels.tolist() == [1, 0, 0, 1]
+    assert task.loss(logits, torch.tensor([1, 0, 0, 1])).item() == pytest.approx(
+        ((0.7**2) + 0.4**2 + 0.3**2 + 0.4**2) / 4
+    )
+
+
+def test_regressor_reports_mae_rmse_r2():
+    task = Regressor(num_features=3, num_targets=1, loss="huber")
+    assert set(task.val_metrics.keys()) == {"val/mae", "val/rmse", "val/r2"}
+    assert task(torch.randn(7, 3)).shape == (7, 1)
+
+
+def test_one_learning_rate_whatever_the_optimizer():
+    task = Classifier(num_features=4, num_classes=3, lr=0.05, optimizer=torch.optim.SGD)
+    optimizer = task.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_scheduler_is_built_around_the_optimizer():
+    task = Classifier(
+        num_features=4,
+        num_classes=3,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2),
+    )
+    config = task.configure_optimizers()
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+def test_standardisation_statistics_come_from_the_datamodule_and_travel_with_the_model():
+    dm = IrisClassificationDataModule(standardize=True)
+    dm.setup("fit")
+    task = Classifier(num_features=4, num_classes=3, standardize=True)
+    task.trainer = type("T", (), {"datamodule": dm})()  # the one attribute setup() reads
+    task.setup("fit")
+    mean, std = dm.feature_stats()
+    torch.testing.assert_close(task.input_norm.mean, mean)
+    assert "input_norm.std" in task.state_dict()
+    x = dm.data["train"][0]
+    torch.testing.assert_close(task.input_norm(x).mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+def test_num_classes_below_two_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        Classifier(num_features=4, num_classes=1)
