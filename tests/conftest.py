@@ -36,3 +36,15 @@ def run_mlplab(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Com
 
 def config(name: str) -> str:
     return str(ROOT / "configs" / f"{name}.yaml")
+
+
+def pytest_configure(config):
+    """Real MNIST / Fashion-MNIST: `$MLPLAB_DATA_DIR`, else the shared copy beside the repo."""
+    shared = ROOT.parent / "shared" / "datasets"
+    if "MLPLAB_DATA_DIR" not in os.environ and shared.is_dir():
+        os.environ["MLPLAB_DATA_DIR"] = str(shared)
+
+
+def real_data(folder: str = "MNIST") -> bool:
+    root = os.environ.get("MLPLAB_DATA_DIR")
+    return bool(root) and (Path(root) / folder / "raw" / "train-images-idx3-ubyte").is_file()

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlplab.data.base import ArrayDataModule
+from mlplab.errors import UserError
 from mlplab.models.tasks import MLPTask
 from mlplab.predict import PredictionWriter
 from mlplab.tracking import MLflowLogger, MLflowSaveConfig, log_model
@@ -163,12 +164,20 @@ def main(args: list[str] | None = None) -> None:
     _quiet()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["predict"] and "--input" in argv:
-        from mlplab.predict import main as predict_main
+    try:
+        if argv[:1] == ["reproduce"]:
+            from mlplab.reproduce import main as reproduce_main
 
-        predict_main(argv[1:])
-        return
-    MLPLabCLI(args=args)
+            reproduce_main(argv[1:])
+        elif argv[:1] == ["predict"] and "--input" in argv:
+            from mlplab.predict import main as predict_main
+
+            predict_main(argv[1:])
+        else:
+            MLPLabCLI(args=args)
+    except UserError as err:  # Lightning has already marked a started run FAILED
+        print(f"mlplab: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

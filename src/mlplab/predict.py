@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for: shown as one line, exit status 2."""
+from mlplab.errors import UserError
 
 
 class PredictionWriter(BasePredictionWriter):

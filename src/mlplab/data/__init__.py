@@ -1,4 +1,5 @@
 from mlplab.data.base import ArrayDataModule
+from mlplab.data.images import FashionMNISTDataModule, MNISTDataModule
 from mlplab.data.tabular import (
     DigitsDataModule,
     IrisClassificationDataModule,
@@ -10,8 +11,10 @@ from mlplab.data.tabular import (
 __all__ = [
     "ArrayDataModule",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
     "IrisClassificationDataModule",
     "IrisRegressionDataModule",
+    "MNISTDataModule",
     "MoonsDataModule",
     "XORDataModule",
 ]

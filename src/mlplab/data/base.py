@@ -79,7 +79,7 @@ class ArrayDataModule(LightningDataModule):
                 f"{type(self).__name__} has no {split!r} split (it has: {', '.join(self.splits)})"
             )
         dataset = TensorPairDataset(*self.data[split])
-        batch_size = len(dataset) if self.batch_size <= 0 else self.batch_size
+        batch_size = max(len(dataset), 1) if self.batch_size <= 0 else self.batch_size
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_batch_as_is)
 
     def train_dataloader(self) -> DataLoader:

@@ -117,6 +117,7 @@ class DigitsDataModule(ArrayDataModule):
 
     num_features = 64
     num_classes = 10
+    image_shape = (8, 8)
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
 
     def __init__(

@@ -57,7 +57,10 @@ class MLP(nn.Sequential):
     """Dense layers with an activation each, and optional batch norm and dropout.
 
     Each hidden block is Linear -> activation -> BatchNorm -> Dropout, the order of the seeds
-    (Keras' `Dense(activation=...)` followed by `BatchNormalization()`). The output layer is linear:
+    (Keras' `Dense(activation=...)` followed by `BatchNormalization()`). Batch norm defaults to
+    Keras' settings (eps 1e-3, running statistics updated with weight 0.01): with torch's eps of
+    1e-5, the input batch norm divides never-lit MNIST border pixels by ~0.003, and evaluation
+    suffers (test accuracy 0.935 instead of 0.946 for seed 002). The output layer is linear:
     the task turns its logits into probabilities. Inputs with more than two dimensions (images)
     are flattened, like Keras' `Flatten`.
     """
@@ -74,10 +77,15 @@ class MLP(nn.Sequential):
         dropout: float = 0.0,
         input_dropout: float = 0.0,
         init: Init = "default",
+        batch_norm_eps: float = 1e-3,
+        batch_norm_momentum: float = 0.01,
     ) -> None:
+        def norm(width: int) -> nn.BatchNorm1d:
+            return nn.BatchNorm1d(width, eps=batch_norm_eps, momentum=batch_norm_momentum)
+
         layers: list[nn.Module] = [nn.Flatten()]
         if input_batch_norm:
-            layers.append(nn.BatchNorm1d(in_features))
+            layers.append(norm(in_features))
         if input_dropout:
             layers.append(nn.Dropout(input_dropout))
         width = in_features
@@ -86,7 +94,7 @@ class MLP(nn.Sequential):
             init_linear(linear, init)
             layers += [linear, make_activation(activation, negative_slope)]
             if batch_norm:
-                layers.append(nn.BatchNorm1d(size))
+                layers.append(norm(size))
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = size

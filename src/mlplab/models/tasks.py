@@ -57,6 +57,8 @@ class MLPTask(LightningModule):
         dropout: float = 0.0,
         input_dropout: float = 0.0,
         init: Init = "default",
+        batch_norm_eps: float = 1e-3,
+        batch_norm_momentum: float = 0.01,
         lr: float = 1e-3,
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -78,6 +80,8 @@ class MLPTask(LightningModule):
             dropout=dropout,
             input_dropout=input_dropout,
             init=init,
+            batch_norm_eps=batch_norm_eps,
+            batch_norm_momentum=batch_norm_momentum,
         )
         # one collection per stage (a ModuleDict cannot have a key named "train")
         self.train_metrics = self.make_metrics().clone(prefix="train/")

@@ -1,0 +1,103 @@
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import config, run_mlplab
+from mlplab.tracking import (
+    DEFAULT_TRACKING_URI,
+    flatten_config,
+    local_store_root,
+    resolve_tracking_uri,
+)
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize(
+    "uri, root",
+    [
+        ("sqlite:///mlruns/mlflow.db", Path("mlruns")),
+        ("sqlite:////tmp/store/mlflow.db", Path("/tmp/store")),
+        ("file:///tmp/runs", Path("/tmp/runs")),
+        ("http://127.0.0.1:5000", None),
+    ],
+)
+def test_local_store_root(uri, root):
+    assert local_store_root(uri) == root
+
+
+def test_flatten_config_folds_class_path_and_init_args():
+    config = {
+        "model": {
+            "class_path": "mlplab.models.Classifier",
+            "init_args": {
+                "lr": 0.1,
+                "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}},
+                "lr_scheduler": None,
+            },
+        },
+        "trainer": {"max_epochs": 3, "callbacks": []},
+    }
+    assert flatten_config(config) == {
+        "model": "mlplab.models.Classifier",
+        "model.lr": 0.1,
+        "model.optimizer": "torch.optim.SGD",
+        "model.optimizer.momentum": 0.9,
+        "trainer.max_epochs": 3,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_land_on_a_tracking_server(tmp_path):
+    """MLFLOW_TRACKING_URI pointing at `mlflow server` on loopback: the run, its metrics and
+    its model are on the server; checkpoints stay local under mlruns/."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        work = tmp_path / "work"
+        work.mkdir()
+        result = run_mlplab(
+            "fit", "--config", config("xor"), "--trainer.max_epochs", "3",
+            cwd=work, env={"MLFLOW_TRACKING_URI": uri},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        mlflow.set_tracking_uri(uri)
+        (run,) = mlflow.search_runs(experiment_names=["xor"], output_format="list")
+        assert run.data.metrics["test/acc"] >= 0.0 and "val/loss" in run.data.metrics
+        assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
+        assert (work / "mlruns" / "xor" / run.info.run_id / "checkpoints" / "last.ckpt").is_file()
+        assert not (work / "mlruns" / "mlflow.db").exists()  # nothing went to the local store
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
