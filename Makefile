@@ -6,7 +6,7 @@ CONFIG ?= configs/xor.yaml
 STORE  ?= sqlite:///mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all reproduce lint ui clean
+.PHONY: help install train test test-all reproduce bench lint ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test-all: $(STAMP) ## run every test, the slow real-data runs too
 
 reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and write docs/RESULTS.md
 	$(BIN)/mlplab reproduce
+
+bench: $(STAMP) ## time mlplab against a plain PyTorch loop and the usual Lightning idiom
+	$(BIN)/python bench/bench.py
 
 lint: $(STAMP) ## ruff over the sources and tests
 	$(BIN)/ruff check src tests

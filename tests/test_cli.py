@@ -88,6 +88,12 @@ def test_metrics_are_per_epoch_with_the_epoch_as_step(xor_run):
     assert "epoch" not in run.data.metrics
 
 
+def test_figures_are_logged(xor_run):
+    run, _ = xor_run
+    paths = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "figures")}
+    assert paths == {"figures/decision_boundary.png", "figures/learning_curves.png"}
+
+
 def test_checkpoints_live_in_the_runs_folder(xor_run):
     run, tmp = xor_run
     folder = tmp / "mlruns" / "xor" / run.info.run_id
@@ -118,11 +124,14 @@ def test_predict_from_the_mlflow_model_and_from_the_checkpoint(xor_run, tmp_path
         assert (predicted > 0.5).astype(int).tolist() == [0, 1, 1, 0]
 
 
-def test_predict_subcommand_with_a_config_writes_the_test_split_predictions(xor_run):
+def test_predict_subcommand_with_a_config_writes_the_test_split_predictions(
+    xor_run, tmp_path, monkeypatch
+):
     run, tmp = xor_run
+    monkeypatch.chdir(tmp_path)
     best = next((tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt"))
     main(["predict", "--config", config("xor"), "--ckpt_path", str(best)])
-    predicted = np.loadtxt(tmp / "predictions.csv", delimiter=",", skiprows=1)
+    predicted = np.loadtxt(tmp_path / "predictions.csv", delimiter=",", skiprows=1)
     assert (predicted > 0.5).astype(int).tolist() == [0, 1, 1, 0]
 
 

@@ -113,5 +113,16 @@ def test_batched_fetch_gives_the_same_batches_as_per_sample_collate():
 
 def test_batch_size_zero_means_the_whole_split():
     dm = ready(IrisClassificationDataModule(batch_size=0))
-    ((x, _),) = list(dm.train_dataloader())
-    assert len(x) == 100
+    ((xs, _),) = list(dm.train_dataloader())
+    assert [len(x) for x in xs] == [100]
+    ((x, _),) = list(dm.val_dataloader())
+    assert len(x) == 50
+
+
+def test_training_batches_come_in_chunks_and_evaluation_in_large_batches():
+    dm = ready(DigitsDataModule(batch_size=16, chunk=4))
+    chunks = list(dm.train_dataloader())
+    assert len(chunks) == 16  # ceil(1000 / 64)
+    assert [len(x) for x in chunks[0][0]] == [16, 16, 16, 16]
+    assert [len(x) for x in chunks[-1][0]] == [16, 16, 8]  # 1000 = 15 * 64 + 40
+    assert [len(x) for x, _ in dm.val_dataloader()] == [64] * 12 + [29]

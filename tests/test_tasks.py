@@ -50,7 +50,7 @@ def test_scheduler_is_built_around_the_optimizer():
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2),
     )
     config = task.configure_optimizers()
-    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert isinstance(config["lr_scheduler"], torch.optim.lr_scheduler.StepLR)
 
 
 def test_standardisation_statistics_come_from_the_datamodule_and_travel_with_the_model():

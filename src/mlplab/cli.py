@@ -45,6 +45,8 @@ class MLPLabCLI(LightningCLI):
             save_config_kwargs={"save_to_log_dir": False},
             auto_configure_optimizers=False,
             parser_class=_Parser,
+            # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
+            trainer_defaults={"default_root_dir": "mlruns"},
             args=args,
             run=run,
         )
@@ -153,6 +155,7 @@ def _quiet() -> None:
         r".*does not have many workers",  # batches are tensor slices: workers would only add IPC
         r".*smaller than the logging interval",  # mlplab logs per epoch
         r".*LeafSpec",  # a deprecation inside Lightning itself
+        r".*args parameter is intended",  # `mlplab reproduce` drives the CLI from Python
     ):
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(

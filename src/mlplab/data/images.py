@@ -73,11 +73,11 @@ class MNISTDataModule(ArrayDataModule):
         val_size: int = 5000,
         split_seed: int | None = None,
         classes: Sequence[int] | None = None,
-        standardize: bool = False,
         download: bool = True,
         verify: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size=batch_size, standardize=standardize)
+        super().__init__(batch_size=batch_size, **kwargs)
         self.data_dir = data_dir
         self.val_size, self.split_seed = val_size, split_seed
         self.classes = list(classes) if classes is not None else None
@@ -117,8 +117,8 @@ class MNISTDataModule(ArrayDataModule):
             f"{self.folder} files missing in {self.raw_dir}: {', '.join(p.name for p in missing)}"
         )
         fix = (
-            f"download them elsewhere (torchvision.datasets.{self.folder}(root, download=True)) and "
-            f"point data_dir (or ${DATA_DIR_ENV}) at the folder holding {self.folder}/raw/"
+            f"download them elsewhere (torchvision.datasets.{self.folder}(root, download=True))"
+            f" and point data_dir (or ${DATA_DIR_ENV}) at the folder holding {self.folder}/raw/"
         )
         if not self.download:
             raise DatasetError(f"{problem}; {fix}")

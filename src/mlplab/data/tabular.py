@@ -21,8 +21,8 @@ class XORDataModule(ArrayDataModule):
     num_classes = 2
     splits = ("train", "val", "test")
 
-    def __init__(self, batch_size: int = 1, standardize: bool = False) -> None:
-        super().__init__(batch_size=batch_size, standardize=standardize)
+    def __init__(self, batch_size: int = 1, **kwargs) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
 
     def load_splits(self) -> dict[str, Split]:
         x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
@@ -44,10 +44,10 @@ class MoonsDataModule(ArrayDataModule):
         n_holdout: int = 200,
         noise: float = 0.1,
         batch_size: int = 32,
-        standardize: bool = False,
         seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size=batch_size, standardize=standardize)
+        super().__init__(batch_size=batch_size, **kwargs)
         self.n_samples, self.n_holdout, self.noise, self.seed = n_samples, n_holdout, noise, seed
 
     def load_splits(self) -> dict[str, Split]:
@@ -63,13 +63,8 @@ class MoonsDataModule(ArrayDataModule):
 class IrisDataModule(ArrayDataModule):
     """Iris split 2/3 train, 1/3 validation with the seed's `train_test_split(random_state=999)`."""
 
-    def __init__(
-        self,
-        batch_size: int = 1,
-        standardize: bool = False,
-        seed: int = 999,
-    ) -> None:
-        super().__init__(batch_size=batch_size, standardize=standardize)
+    def __init__(self, batch_size: int = 1, seed: int = 999, **kwargs) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
         self.seed = seed
 
     def xy(self) -> tuple[np.ndarray, np.ndarray, torch.dtype]:
@@ -120,10 +115,8 @@ class DigitsDataModule(ArrayDataModule):
     image_shape = (8, 8)
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
 
-    def __init__(
-        self, n_train: int = 1000, batch_size: int = 16, standardize: bool = False
-    ) -> None:
-        super().__init__(batch_size=batch_size, standardize=standardize)
+    def __init__(self, n_train: int = 1000, batch_size: int = 16, **kwargs) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
         self.n_train = n_train
 
     def load_splits(self) -> dict[str, Split]:

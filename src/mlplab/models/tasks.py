@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
 
-from mlplab.models.mlp import MLP, Activation, Init
+from mlplab.models.mlp import MLP
 
 # An optimizer class and its settings; the parameters and `lr` are given at construction, so the
 # config has one learning rate (`model.lr`) that survives a change of optimizer.
@@ -49,40 +49,24 @@ class MLPTask(LightningModule):
         self,
         num_features: int,
         num_outputs: int,
-        hidden_sizes: Sequence[int] = (64,),
-        activation: Activation = "relu",
-        negative_slope: float = 0.01,
-        batch_norm: bool = False,
-        input_batch_norm: bool = False,
-        dropout: float = 0.0,
-        input_dropout: float = 0.0,
-        init: Init = "default",
-        batch_norm_eps: float = 1e-3,
-        batch_norm_momentum: float = 0.01,
         lr: float = 1e-3,
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         standardize: bool = False,
+        **net_options,
     ) -> None:
+        """`net_options` are `MLP`'s: `hidden_sizes`, `activation`, `batch_norm`, `dropout`, `init`
+        and the rest (the CLI lists them with their types, e.g. `--model.hidden_sizes`)."""
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
+        # num_outputs follows from a subclass's own argument, so it is not a hyperparameter
+        self.save_hyperparameters(ignore=["num_outputs", "optimizer", "lr_scheduler"], logger=False)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.input_norm = Standardize(num_features) if standardize else nn.Identity()
-        self.mlp = MLP(
-            num_features,
-            num_outputs,
-            hidden_sizes,
-            activation=activation,
-            negative_slope=negative_slope,
-            batch_norm=batch_norm,
-            input_batch_norm=input_batch_norm,
-            dropout=dropout,
-            input_dropout=input_dropout,
-            init=init,
-            batch_norm_eps=batch_norm_eps,
-            batch_norm_momentum=batch_norm_momentum,
-        )
+        self.mlp = MLP(num_features, num_outputs, **net_options)
+        # Training batches arrive in chunks of several (see `ArrayDataModule.chunk`) and are
+        # stepped through in `training_step`: Lightning's per-step overhead is paid per chunk.
+        self.automatic_optimization = False
         # one collection per stage (a ModuleDict cannot have a key named "train")
         self.train_metrics = self.make_metrics().clone(prefix="train/")
         self.val_metrics = self.make_metrics().clone(prefix="val/")
@@ -113,18 +97,43 @@ class MLPTask(LightningModule):
         """Logits, shape (batch, num_outputs)."""
         return self.mlp(self.input_norm(x))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _log_epoch(self, stage: str, loss: torch.Tensor, n: int) -> None:
+        """Epoch means only: Lightning accumulates on the device, no host sync per step."""
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log_dict(getattr(self, f"{stage}_metrics"), on_step=False, on_epoch=True)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
         logits = self(x)
-        loss = self.loss(logits, y)
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(*self.metric_inputs(logits.detach(), y))
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
-        self.log_dict(metrics, on_step=False, on_epoch=True)
-        return loss
+        getattr(self, f"{stage}_metrics").update(*self.metric_inputs(logits, y))
+        self._log_epoch(stage, self.loss(logits, y), len(x))
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+    def training_step(self, batch, batch_idx) -> None:
+        """One optimiser step per batch of the chunk: `batch` is (xs, ys), tuples of batches (or
+        a plain (x, y) batch, stepped once)."""
+        xs, ys = batch
+        if isinstance(xs, torch.Tensor):
+            xs, ys = (xs,), (ys,)
+        optimizer = self.optimizers()
+        total, outputs = torch.zeros((), device=self.device), []
+        for x, y in zip(xs, ys, strict=True):
+            logits = self(x)
+            loss = self.loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            total += loss.detach() * len(x)
+            outputs.append(logits.detach())
+        y = torch.cat(ys)
+        self.train_metrics.update(*self.metric_inputs(torch.cat(outputs), y))
+        self._log_epoch("train", total / len(y), len(y))
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()  # stepped per epoch, after validation
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(self.trainer.callback_metrics[self.monitor])
+        elif scheduler is not None:
+            scheduler.step()
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -141,10 +150,7 @@ class MLPTask(LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor},
-        }
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mlplab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
