@@ -83,10 +83,6 @@ class MLflowLogger(MLFlowLogger):
         epoch = metrics.pop("epoch", None)
         super().log_metrics(metrics, step=int(epoch) if epoch is not None else step)
 
-    @property
-    def run_dir(self) -> Path:
-        return self.store_root / self.name / str(self.run_id)
-
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{"model": {"class_path": C, "init_args": {"lr": 1}}}` -> `{"model": C, "model.lr": 1}`.
