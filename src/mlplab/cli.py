@@ -144,8 +144,7 @@ class MLPLabCLI(LightningCLI):
         )
         logger = trainer.logger
         if isinstance(logger, MLflowLogger):
-            example = datamodule.data[next(iter(datamodule.data))][0]
-            uri = log_model(logger, self.model, example)
+            uri = log_model(logger, self.model, datamodule.data["train"][0])
             print(f"mlplab: run {logger.run_id} ({logger.name}), model {uri}")
 
 

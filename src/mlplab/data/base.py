@@ -77,12 +77,10 @@ class ArrayDataModule(LightningDataModule):
         self.save_hyperparameters(logger=False)
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
-        self.batch_size, self.standardize, self.chunk, self.on_device = (
-            batch_size,
-            standardize,
-            chunk,
-            on_device,
-        )
+        self.batch_size = batch_size
+        self.standardize = standardize
+        self.chunk = chunk
+        self.on_device = on_device
         self.data: dict[str, Split] = {}
 
     def load_splits(self) -> dict[str, Split]:
