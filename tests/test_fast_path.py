@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 from mlplab.data import DigitsDataModule
 from mlplab.models import Classifier
 
 
-def train(chunk: int, epochs: int = 2) -> tuple[Classifier, dict]:
+class GradNormProbe(Callback):
+    """Listens to the backward pass, as a gradient monitor would: needs Lightning's wrappers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.calls += 1
+
+
+def train(chunk: int, epochs: int = 2, callbacks=()) -> tuple[Classifier, dict]:
     seed_everything(3)
     dm = DigitsDataModule(n_train=300, batch_size=16, chunk=chunk)
     task = Classifier(
@@ -18,10 +28,24 @@ def train(chunk: int, epochs: int = 2) -> tuple[Classifier, dict]:
     )
     trainer = Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
     )  # fmt: skip
     trainer.fit(task, dm)
     return task, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_direct_steps_match_lightnings_wrapped_steps_and_yield_to_listeners():
+    """One process in 32-bit steps the optimiser directly; a callback listening to the backward
+    pass switches back to `manual_backward`, still called once per batch, with the same result."""
+    direct, direct_metrics = train(chunk=8)
+    probe = GradNormProbe()
+    wrapped, wrapped_metrics = train(chunk=8, callbacks=[probe])
+    assert direct.direct_steps and not wrapped.direct_steps
+    assert probe.calls == 2 * (300 // 16 + 1)
+    assert direct.trainer.global_step == wrapped.trainer.global_step == 2 * (300 // 16 + 1)
+    for a, b in zip(direct.parameters(), wrapped.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert direct_metrics == wrapped_metrics
 
 
 def test_chunked_steps_match_one_batch_per_step():

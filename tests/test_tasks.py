@@ -69,3 +69,14 @@ def test_standardisation_statistics_come_from_the_datamodule_and_travel_with_the
 def test_num_classes_below_two_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         Classifier(num_features=4, num_classes=1)
+
+
+def test_epoch_loss_is_sample_weighted_and_keeps_nan():
+    from mlplab.models.tasks import EpochMean
+
+    mean = EpochMean()
+    mean.update(torch.tensor(2.0), weight=3)  # a batch of 3 with mean loss 2
+    mean.update(torch.tensor(1.0), weight=1)
+    assert mean.compute().item() == 1.75
+    mean.update(torch.tensor(float("nan")), weight=1)
+    assert mean.compute().isnan()

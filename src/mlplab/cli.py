@@ -11,12 +11,23 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 
 from mlplab.data.base import ArrayDataModule
 from mlplab.errors import UserError
 from mlplab.models.tasks import MLPTask
 from mlplab.predict import PredictionWriter
-from mlplab.tracking import MLflowLogger, MLflowSaveConfig, log_model
+from mlplab.resume import resolve_resume, slurm_root_dir
+from mlplab.slurm import SLURMRequeue
+from mlplab.tracking import (
+    MLflowLogger,
+    MLflowSaveConfig,
+    experiment_dir,
+    log_model,
+    run_exists,
+    run_id_in_checkpoint,
+)
 
 
 class _Parser(LightningArgumentParser):
@@ -98,29 +109,66 @@ class MLPLabCLI(LightningCLI):
             "data.standardize", "model.init_args.standardize", apply_on="instantiate"
         )
 
+    @property
+    def command_config(self):
+        """The running subcommand's settings (all of them with `run=False`)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        threads = self.config[self.subcommand].num_threads
+        threads = self.command_config.num_threads
         if threads > 0:
             torch.set_num_threads(threads)
 
     def instantiate_trainer(self, **kwargs):
-        config = self.config[self.subcommand]
-        wanted = self._get(self.config_init, "trainer", default={}).get("logger")
+        config = self.command_config
+        trainer = self._get(self.config_init, "trainer", default={})
+        if SLURMEnvironment.detect():
+            if trainer.get("default_root_dir") == "mlruns":
+                trainer["default_root_dir"] = slurm_root_dir("mlruns")  # requeue checkpoints
+            if self.subcommand in ("fit", None) and trainer.get("plugins") is None:
+                # requeue at an epoch boundary, not inside the signal handler (see mlplab.slurm)
+                trainer["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+                trainer["callbacks"] = [*(trainer.get("callbacks") or []), SLURMRequeue()]
+        wanted = trainer.get("logger")
         if self.subcommand == "predict":
             kwargs["logger"] = False
             kwargs["callbacks"] = [PredictionWriter()]
         elif wanted is None or wanted is True:
+            experiment = config.experiment_name or self.config_name()
             kwargs["logger"] = MLflowLogger(
-                experiment_name=config.experiment_name or self.config_name(),
+                experiment_name=experiment,
                 run_name=config.run_name,
                 tracking_uri=config.tracking_uri,
                 tags={"mlplab.command": self.subcommand},
+                run_id=self.resumed_run(experiment) if self.subcommand == "fit" else None,
             )
         return super().instantiate_trainer(**kwargs)
 
+    def resumed_run(self, experiment: str) -> str | None:
+        """The MLflow run a resumed fit continues: the one its checkpoint was written by."""
+        config, init = self.config.fit, self.config_init.fit
+        ckpt_path, checkpoint = resolve_resume(
+            init.ckpt_path,
+            experiment_dir(experiment, config.tracking_uri),
+            init.trainer.default_root_dir,
+        )
+        config.ckpt_path = init.ckpt_path = ckpt_path
+        run_id = run_id_in_checkpoint(checkpoint) if checkpoint is not None else None
+        if run_id is None or rank_zero_only.rank != 0:
+            return run_id
+        if not run_exists(config.tracking_uri, run_id):
+            print(
+                f"mlplab: {checkpoint} was written by run {run_id}, which this store has not "
+                "got; resuming the training into a new run",
+                file=sys.stderr,
+            )
+            return None
+        print(f"mlplab: resuming run {run_id} from {checkpoint}", file=sys.stderr)
+        return run_id
+
     def config_name(self) -> str:
         """The first config file's stem (`configs/xor.yaml` -> `xor`), else the data's class."""
-        files = self.config[self.subcommand].get("config") or []
+        files = self.command_config.get("config") or []
         if files:
             return Path(str(files[0])).stem
         return type(self.datamodule).__name__.removesuffix("DataModule").lower()
@@ -140,7 +188,11 @@ class MLPLabCLI(LightningCLI):
             return
         print(
             "mlplab: "
-            + "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()) if "/" in k)
+            + "  ".join(
+                f"{k}={float(v):.0f}" if k.endswith("/samples") else f"{k}={float(v):.4f}"
+                for k, v in sorted(metrics.items())
+                if "/" in k
+            )
         )
         logger = trainer.logger
         if isinstance(logger, MLflowLogger):

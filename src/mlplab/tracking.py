@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
@@ -37,6 +40,28 @@ def _folder_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "default"
 
 
+def experiment_dir(experiment_name: str, tracking_uri: str | None = None) -> Path:
+    """Where the runs of an experiment keep their checkpoints: `<store>/<experiment>/`."""
+    root = local_store_root(resolve_tracking_uri(tracking_uri))
+    return (root if root is not None else Path("mlruns")) / _folder_name(experiment_name)
+
+
+@contextlib.contextmanager
+def store_lock(root: Path | None):
+    """Serialise opening a local store: the first client creates the SQLite tables, and
+    processes starting together (DDP ranks, parallel runs) must not all try at once."""
+    if root is None:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".mlplab.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLflow logger, with a store laid out for people and epochs on the x-axis.
 
@@ -58,17 +83,28 @@ class MLflowLogger(MLFlowLogger):
         root = local_store_root(uri)
         artifact_location = None
         if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
-            artifact_location = (root / _folder_name(experiment_name)).resolve().as_uri()
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name,
-            tracking_uri=uri,
-            tags=tags,
-            artifact_location=artifact_location,
-            run_id=run_id,
-        )
+            artifact_location = experiment_dir(experiment_name, uri).resolve().as_uri()
+        with store_lock(root):  # Lightning's logger opens the store here
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name,
+                tracking_uri=uri,
+                tags=tags,
+                artifact_location=artifact_location,
+                run_id=run_id,
+            )
         self.store_root = root if root is not None else Path("mlruns")
+        self.resumed = run_id is not None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """The client; a resumed run is set back to RUNNING when first touched."""
+        reopening = self.resumed and not self._initialized
+        client = super().experiment
+        if reopening:
+            client.update_run(self._run_id, status="RUNNING")
+        return client
 
     @property
     def save_dir(self) -> str:
@@ -111,15 +147,44 @@ class MLflowSaveConfig(SaveConfigCallback):
         logger = trainer.logger
         if not isinstance(logger, MLflowLogger):
             return
-        logger.experiment.log_text(logger.run_id, self.parser.dump(self.config), "config.yaml")
+        client, run_id = logger.experiment, logger.run_id
         config = self.config.clone()
         config.pop("config", None)  # the paths of the YAML files, not settings
         params = flatten_config(config.as_dict())
-        params["trainer.devices_used"] = trainer.world_size
+        params["trainer.world_size"] = trainer.world_size
+        params["trainer.nodes_used"] = trainer.num_nodes
         for shape in ("num_features", "num_classes", "num_targets"):  # linked, so not in the YAML
             if hasattr(trainer.datamodule, shape):
                 params[f"data.{shape}"] = getattr(trainer.datamodule, shape)
+        name = "config.yaml"
+        if logger.resumed:  # params are write-once: keep the first, record each resumption's config
+            logged = client.get_run(run_id).data.params
+            params = {k: v for k, v in params.items() if k not in logged}
+            artifacts = {f.path for f in client.list_artifacts(run_id)}
+            name = next(f"config-resume-{i}.yaml" for i in range(1, 10**6)
+                        if f"config-resume-{i}.yaml" not in artifacts)  # fmt: skip
+        client.log_text(run_id, self.parser.dump(self.config), name)
         logger.log_hyperparams(params)
+
+
+def run_exists(tracking_uri: str | None, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    with store_lock(local_store_root(uri)):
+        client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def run_id_in_checkpoint(path: str | Path) -> str | None:
+    """The MLflow run a checkpoint was written by (`MLPTask.on_save_checkpoint` records it)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return checkpoint.get("mlflow_run_id")
 
 
 def log_model(logger: MLflowLogger, module, input_example: torch.Tensor) -> str:

@@ -6,7 +6,9 @@ from typing import ClassVar
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mlplab.errors import UserError
 
 Split = tuple[torch.Tensor, torch.Tensor]  # features (N, F) float32, targets (N,) int64 or (N, T)
 
@@ -44,6 +46,19 @@ class TensorPairDataset(Dataset):
         )
 
 
+class ShardSampler(DistributedSampler):
+    """Evaluation under DDP: rank r takes samples r, r + world, r + 2 world, ... so every sample
+    is evaluated exactly once (the stock sampler pads the last round with repeats, counting a
+    few samples twice). Ranks may hold one sample more than others; metrics are synced as sums
+    of states, so uneven shards are exact. Lightning leaves a `DistributedSampler` in place."""
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 def _batch_as_is(batch: Split) -> Split:
     """The dataset already returns a batch: nothing to collate (module-level, so it pickles)."""
     return batch
@@ -55,7 +70,10 @@ class ArrayDataModule(LightningDataModule):
     Subclasses set `num_features` (and `num_classes` or `num_targets`) without touching the data,
     list the splits they have in `splits`, and build them in `load_splits` (seeded where random).
 
-    `batch_size` is the optimisation batch (0: the whole split). Training batches reach the task
+    `batch_size` is the optimisation batch of one device (0: the whole split); under DDP each
+    step sees `batch_size * world_size` samples, unless `global_batch` splits `batch_size` over
+    the devices so a config trains with the same batch on any device count. Training batches
+    reach the task
     `chunk` at a time, drawn from one shuffled order, so the optimiser sees exactly the batches a
     plain loader of `batch_size` gives while Lightning's per-step overhead is paid once per
     chunk; evaluation uses batches of `batch_size * chunk` (the same metrics, sooner).
@@ -72,6 +90,7 @@ class ArrayDataModule(LightningDataModule):
         standardize: bool = False,
         chunk: int = 32,
         on_device: bool = False,
+        global_batch: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -81,6 +100,7 @@ class ArrayDataModule(LightningDataModule):
         self.standardize = standardize
         self.chunk = chunk
         self.on_device = on_device
+        self.global_batch = global_batch
         self.data: dict[str, Split] = {}
 
     def load_splits(self) -> dict[str, Split]:
@@ -107,17 +127,32 @@ class ArrayDataModule(LightningDataModule):
                 f"{type(self).__name__} has no {split!r} split (it has: {', '.join(self.splits)})"
             )
         x, y = self.data[split]
+        world = self.trainer.world_size if self.trainer is not None else 1
         whole = self.batch_size <= 0 or self.batch_size >= len(x)
-        batch_size = max(len(x), 1) if whole else self.batch_size
+        batch_size = max(len(x), 1) if whole else self.device_batch_size(world)
         dataset = TensorPairDataset(x, y, split_size=batch_size if chunked else None)
         cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        sampler = None
+        if world > 1 and not shuffle:  # training gets Lightning's DistributedSampler
+            sampler = ShardSampler(dataset, num_replicas=world, rank=self.trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=batch_size if whole else batch_size * self.chunk,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=_batch_as_is,
             pin_memory=cuda and x.device.type == "cpu",
         )
+
+    def device_batch_size(self, world_size: int) -> int:
+        if not self.global_batch:
+            return self.batch_size
+        if self.batch_size % world_size:
+            raise UserError(
+                f"data.global_batch: batch_size {self.batch_size} does not split evenly over "
+                f"{world_size} devices; choose a multiple of {world_size}"
+            )
+        return self.batch_size // world_size
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True, chunked=True)
