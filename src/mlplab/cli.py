@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import torch
@@ -13,20 +15,28 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mlplab.data.base import ArrayDataModule
 from mlplab.errors import UserError
 from mlplab.models.tasks import MLPTask
 from mlplab.predict import PredictionWriter
-from mlplab.resume import resolve_resume, slurm_root_dir
+from mlplab.resume import (
+    check_fits,
+    read_checkpoint,
+    resolve_resume,
+    run_id_in_checkpoint,
+    slurm_root_dir,
+)
 from mlplab.slurm import SLURMRequeue
 from mlplab.tracking import (
     MLflowLogger,
     MLflowSaveConfig,
+    RunStatus,
+    check_reachable,
     experiment_dir,
     log_model,
     run_exists,
-    run_id_in_checkpoint,
 )
 
 
@@ -109,6 +119,31 @@ class MLPLabCLI(LightningCLI):
             "data.standardize", "model.init_args.standardize", apply_on="instantiate"
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning restores the model's settings from `--ckpt_path`'s hyperparameters; an
+        unreadable file, or one of another model, stops with one line instead of a dump."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
+        if "_class_path" not in read_checkpoint(path).get("hyper_parameters", {}):
+            return  # not written through the CLI: Lightning cannot parse it; the config rules
+        parsers = [self.parser, self.parser._subcommands_action._name_parser_map[subcommand]]
+        for parser in parsers:
+            parser.exit_on_error = False
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:
+            lines = [line.strip() for line in str(err).splitlines()]
+            reason = next((line for line in lines if "not accepted" in line), lines[0])
+            raise UserError(
+                f"checkpoint {path} belongs to another model ({reason}); use it with the "
+                "config it was trained with"
+            ) from None
+        finally:
+            for parser in parsers:
+                parser.exit_on_error = True
+
     @property
     def command_config(self):
         """The running subcommand's settings (all of them with `run=False`)."""
@@ -122,41 +157,56 @@ class MLPLabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.command_config
         trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = [RunStatus()]
         if SLURMEnvironment.detect():
             if trainer.get("default_root_dir") == "mlruns":
                 trainer["default_root_dir"] = slurm_root_dir("mlruns")  # requeue checkpoints
             if self.subcommand in ("fit", None) and trainer.get("plugins") is None:
                 # requeue at an epoch boundary, not inside the signal handler (see mlplab.slurm)
                 trainer["plugins"] = [SLURMEnvironment(auto_requeue=False)]
-                trainer["callbacks"] = [*(trainer.get("callbacks") or []), SLURMRequeue()]
+                callbacks.append(SLURMRequeue())
+        trainer["callbacks"] = [*(trainer.get("callbacks") or []), *callbacks]
+        experiment = config.get("experiment_name") or self.config_name()
+        checkpoint = self.resolve_checkpoint(experiment) if self.subcommand else None
         wanted = trainer.get("logger")
         if self.subcommand == "predict":
             kwargs["logger"] = False
             kwargs["callbacks"] = [PredictionWriter()]
         elif wanted is None or wanted is True:
-            experiment = config.experiment_name or self.config_name()
+            if rank_zero_only.rank == 0:
+                check_reachable(config.tracking_uri)
             kwargs["logger"] = MLflowLogger(
                 experiment_name=experiment,
                 run_name=config.run_name,
                 tracking_uri=config.tracking_uri,
                 tags={"mlplab.command": self.subcommand},
-                run_id=self.resumed_run(experiment) if self.subcommand == "fit" else None,
+                run_id=self.resumed_run(checkpoint) if self.subcommand == "fit" else None,
             )
         return super().instantiate_trainer(**kwargs)
 
-    def resumed_run(self, experiment: str) -> str | None:
-        """The MLflow run a resumed fit continues: the one its checkpoint was written by."""
-        config, init = self.config.fit, self.config_init.fit
+    def resolve_checkpoint(self, experiment: str) -> Path | None:
+        """The checkpoint `--ckpt_path` names (`last`: the experiment's newest; on SLURM, a
+        requeued fit's), checked to exist and to fit the model before anything starts."""
+        config, init = self.config[self.subcommand], self.config_init[self.subcommand]
+        if "ckpt_path" not in init:
+            return None
         ckpt_path, checkpoint = resolve_resume(
             init.ckpt_path,
-            experiment_dir(experiment, config.tracking_uri),
+            experiment_dir(experiment, config.get("tracking_uri")),
             init.trainer.default_root_dir,
+            fit=self.subcommand == "fit",
         )
         config.ckpt_path = init.ckpt_path = ckpt_path
+        if checkpoint is not None:
+            check_fits(checkpoint, self.model)
+        return checkpoint
+
+    def resumed_run(self, checkpoint: Path | None) -> str | None:
+        """The MLflow run a resumed fit continues: the one its checkpoint was written by."""
         run_id = run_id_in_checkpoint(checkpoint) if checkpoint is not None else None
         if run_id is None or rank_zero_only.rank != 0:
             return run_id
-        if not run_exists(config.tracking_uri, run_id):
+        if not run_exists(self.config.fit.tracking_uri, run_id):
             print(
                 f"mlplab: {checkpoint} was written by run {run_id}, which this store has not "
                 "got; resuming the training into a new run",
@@ -214,9 +264,24 @@ def _quiet() -> None:
     )
 
 
+def _leave_process_group() -> None:
+    """DDP ranks wait for rank zero (logging the model) and close the process group together:
+    a rank exiting with its gloo threads still running aborts ("terminate called without an
+    active exception"), seen here one run in a few."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> None:
     _quiet()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # an unreachable tracking server fails in seconds, not after MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     argv = sys.argv[1:] if args is None else args
     try:
         if argv[:1] == ["reproduce"]:
@@ -229,9 +294,15 @@ def main(args: list[str] | None = None) -> None:
             predict_main(argv[1:])
         else:
             MLPLabCLI(args=args)
+            _leave_process_group()
     except UserError as err:  # Lightning has already marked a started run FAILED
         print(f"mlplab: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
+    except SIGTERMException:  # `RunStatus` has marked the run KILLED and said so
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # outside training (Lightning handles it inside)
+        print("mlplab: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,17 @@ class PredictionWriter(BasePredictionWriter):
 def read_features(path: Path) -> np.ndarray:
     """Rows of numeric features, (N, F) float32, from CSV (header optional) or NPY."""
     if not path.is_file():
-        raise UserError(f"input file {path} does not exist")
+        raise UserError(f"input file {path} does not exist (or is not a file)")
     if path.suffix == ".npy":
         try:
             x = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise UserError(f"{path} is not a numeric .npy array ({err})") from None
+        except (ValueError, OSError, EOFError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{path} is not a numeric .npy array ({reason})") from None
         if x.dtype.kind not in "biuf":
             raise UserError(f"{path} holds {x.dtype} values; numbers are needed")
+        if x.ndim == 0:
+            raise UserError(f"{path} holds a single number; one row of features per sample")
     else:
         import pandas as pd
 
@@ -51,6 +54,11 @@ def read_features(path: Path) -> np.ndarray:
             frame = pd.read_csv(path, header=None)
         except pd.errors.EmptyDataError:
             raise UserError(f"{path} is empty: write one row of features per line") from None
+        except pd.errors.ParserError as err:
+            reason = str(err).strip().splitlines()[-1]
+            raise UserError(f"{path} is not a table of features ({reason})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a text CSV file; give CSV or .npy") from None
         if len(frame) and not _is_numeric_row(frame.iloc[0]):
             frame = frame.iloc[1:]  # a header row
         x = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
@@ -65,13 +73,18 @@ def read_features(path: Path) -> np.ndarray:
         raise UserError(f"{path} has no rows: write one row of features per line")
     if not np.isfinite(x).all():
         raise UserError(f"{path} has empty, NaN or infinite values; every feature must be a number")
-    return x.astype(np.float32)
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise UserError(f"{path} has values beyond float32's range (about 3.4e38)")
+    return x
 
 
 def _is_numeric_row(row) -> bool:
+    """False for a header: some cell is text that is not a number (an empty or `nan` cell is a
+    missing number, reported as such, not a header)."""
     import pandas as pd
 
-    return pd.to_numeric(row, errors="coerce").notna().all()
+    return not (pd.to_numeric(row, errors="coerce").isna() & row.notna()).any()
 
 
 def write_array(outputs: np.ndarray, path: Path | None) -> None:

@@ -10,10 +10,48 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mlplab.errors import UserError
-from mlplab.tracking import run_id_in_checkpoint
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents (tensors memory-mapped, not read), or a one-line error."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist; give a .ckpt file or `last`") from None
+    except Exception as err:
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint
+
+
+def run_id_in_checkpoint(path: str | Path) -> str | None:
+    """The MLflow run a checkpoint was written by (`MLPTask.on_save_checkpoint` records it)."""
+    return read_checkpoint(path).get("mlflow_run_id")
+
+
+def check_fits(path: str | Path, model: torch.nn.Module) -> None:
+    """The checkpoint's weights have the model's names and shapes, or a one-line error naming
+    the first difference (Lightning would fail with a long traceback from `load_state_dict`)."""
+    saved = read_checkpoint(path)["state_dict"]
+    expected = model.state_dict()
+    problems = [
+        f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in expected.keys() & saved.keys()
+        if saved[k].shape != expected[k].shape
+    ]
+    problems += [f"{k} missing from the checkpoint" for k in expected.keys() - saved.keys()]
+    problems += [f"{k} is not in the model" for k in saved.keys() - expected.keys()]
+    if problems:
+        raise UserError(
+            f"checkpoint {path} belongs to another model ({sorted(problems)[0]}); "
+            "use it with the config it was trained with"
+        )
 
 
 def newest_last_checkpoint(experiment_dir: Path) -> Path:
@@ -48,7 +86,7 @@ def slurm_root_dir(default_root_dir: str) -> str:
 
 
 def resolve_resume(
-    ckpt_path: str | None, experiment_dir: Path, default_root_dir: str
+    ckpt_path: str | None, experiment_dir: Path, default_root_dir: str, fit: bool = True
 ) -> tuple[str | None, Path | None]:
     """(the `ckpt_path` to hand to Lightning, the checkpoint file a fit resumes from).
 
@@ -59,7 +97,7 @@ def resolve_resume(
     if ckpt_path == "last":
         path = newest_last_checkpoint(experiment_dir)
         return str(path), path
-    if ckpt_path == "hpc" or (ckpt_path is None and SLURMEnvironment.detect()):
+    if ckpt_path == "hpc" or (fit and ckpt_path is None and SLURMEnvironment.detect()):
         path = hpc_checkpoint(default_root_dir)
         if path is None:
             if ckpt_path == "hpc":
@@ -76,6 +114,5 @@ def resolve_resume(
     if ckpt_path in (None, "best"):
         return ckpt_path, None
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {ckpt_path} does not exist; give a .ckpt file or `last`")
+    read_checkpoint(path)
     return ckpt_path, path

@@ -6,15 +6,17 @@ import contextlib
 import fcntl
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
@@ -38,6 +40,65 @@ def local_store_root(uri: str) -> Path | None:
 
 def _folder_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "default"
+
+
+def check_writable(root: Path) -> None:
+    """A local store must be writable; say so before SQLite does it with a traceback."""
+    from mlplab.errors import UserError
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"cannot create the MLflow store folder {root} ({err.strerror}); "
+            "choose a writable place with --tracking_uri or MLFLOW_TRACKING_URI"
+        ) from None
+    database = root / "mlflow.db"
+    if not os.access(root, os.W_OK) or (database.exists() and not os.access(database, os.W_OK)):
+        raise UserError(
+            f"the MLflow store in {root} is not writable; fix its permissions or choose "
+            "another store with --tracking_uri or MLFLOW_TRACKING_URI"
+        )
+
+
+def check_reachable(tracking_uri: str | None) -> None:
+    """A tracking server must answer now, not after minutes of retries (the CLI caps MLflow's
+    HTTP retries and timeout; see `mlplab.cli.main`)."""
+    from mlplab.errors import UserError
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # connection refused, DNS, timeout, HTTP errors: all say the same
+        reason = str(err).splitlines()[0][:200]
+        raise UserError(
+            f"the MLflow tracking server {uri} does not answer ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI to use the local store"
+        ) from None
+
+
+class RunStatus(Callback):
+    """Why a run ended early, for `MLflowLogger.finalize`: Ctrl-C and SIGTERM mark it KILLED,
+    an error FAILED with its message as the `mlplab.failure` tag."""
+
+    def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, MLflowLogger):
+            return
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            logger.failure = ("KILLED", f"interrupted ({type(exception).__name__})")
+            if trainer.is_global_zero:
+                print(
+                    f"mlplab: interrupted: run {logger.run_id} marked KILLED; its last "
+                    "end-of-epoch checkpoint is kept: continue with --ckpt_path last",
+                    file=sys.stderr,
+                )
+        else:
+            logger.failure = ("FAILED", f"{type(exception).__name__}: {exception}")
 
 
 def experiment_dir(experiment_name: str, tracking_uri: str | None = None) -> Path:
@@ -83,6 +144,7 @@ class MLflowLogger(MLFlowLogger):
         root = local_store_root(uri)
         artifact_location = None
         if root is not None:
+            check_writable(root)
             artifact_location = experiment_dir(experiment_name, uri).resolve().as_uri()
         with store_lock(root):  # Lightning's logger opens the store here
             super().__init__(
@@ -95,6 +157,7 @@ class MLflowLogger(MLFlowLogger):
             )
         self.store_root = root if root is not None else Path("mlruns")
         self.resumed = run_id is not None
+        self.failure: tuple[str, str] | None = None  # (status, reason), set by `RunStatus`
 
     @property
     @rank_zero_experiment
@@ -105,6 +168,13 @@ class MLflowLogger(MLFlowLogger):
         if reopening:
             client.update_run(self._run_id, status="RUNNING")
         return client
+
+    def finalize(self, status: str = "success") -> None:
+        """As Lightning's, but an interrupted run ends KILLED and a failed one says why."""
+        if status == "failed" and self.failure is not None and self._initialized:
+            status, reason = self.failure
+            self.experiment.set_tag(self.run_id, "mlplab.failure", reason[:5000])
+        super().finalize(status)
 
     @property
     def save_dir(self) -> str:
@@ -179,12 +249,6 @@ def run_exists(tracking_uri: str | None, run_id: str) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def run_id_in_checkpoint(path: str | Path) -> str | None:
-    """The MLflow run a checkpoint was written by (`MLPTask.on_save_checkpoint` records it)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return checkpoint.get("mlflow_run_id")
 
 
 def log_model(logger: MLflowLogger, module, input_example: torch.Tensor) -> str:

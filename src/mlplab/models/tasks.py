@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from mlplab.errors import TrainingDiverged
 from mlplab.models.mlp import MLP
 
 # An optimizer class and its settings; the parameters and `lr` are given at construction, so the
@@ -185,6 +186,12 @@ class MLPTask(LightningModule):
         self.direct_steps = direct_steps_are_safe(self.trainer, self)
 
     def on_train_epoch_end(self) -> None:
+        loss = self.train_loss.compute()  # the same on every DDP rank: all stop together
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged: train/loss is {loss.item()} in epoch {self.current_epoch} "
+                f"(model.lr is {self.hparams.lr}: lower it, or standardize the inputs)"
+            )
         scheduler = self.lr_schedulers()  # stepped per epoch, after validation
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(self.trainer.callback_metrics[self.monitor])
