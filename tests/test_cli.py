@@ -31,6 +31,19 @@ def test_every_config_runs_fit_with_fast_dev_run(path, store):
             main(["fit", "--config", config("xor"), *configs, "--print_config"])
         assert done.value.code in (0, None)
         return
+    if path.parent.name == "baselines":  # scikit-learn runs: they parse and instantiate
+        from mlplab.baseline import parser
+
+        init = parser().instantiate_classes(parser().parse_args(["--config", str(path)]))
+        assert init.estimator.fit and init.data.splits
+        return
+    if path.parent.name == "sweeps":  # grids over configs: every file they name exists
+        from mlplab.sweep import load_sweep_file
+
+        spec = load_sweep_file(str(path))
+        named = [spec["config"], *spec["grid"].get("config", [])]
+        assert all((ROOT / name).is_file() for name in named), named
+        return
     if path.parent.name == "mnist_optimizers":  # overrides of the seed model: used on top of it
         configs = ["--config", config("mnist"), *configs]
     text = path.read_text() + (ROOT / "configs" / "mnist.yaml").read_text() * (len(configs) > 2)

@@ -36,6 +36,7 @@ from mlplab.tracking import (
     check_reachable,
     experiment_dir,
     log_model,
+    register_model,
     run_exists,
 )
 
@@ -85,6 +86,15 @@ class MLPLabCLI(LightningCLI):
             type=str | None,
             default=None,
             help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)",
+        )
+        parser.add_argument(
+            "--tags", type=dict[str, str] | None, default=None, help="extra MLflow run tags"
+        )
+        parser.add_argument(
+            "--register_model",
+            type=str | None,
+            default=None,
+            help="fit: register the logged model in the MLflow Model Registry under this name",
         )
         parser.add_argument(
             "--test_after_fit",
@@ -179,7 +189,7 @@ class MLPLabCLI(LightningCLI):
                 experiment_name=experiment,
                 run_name=config.run_name,
                 tracking_uri=config.tracking_uri,
-                tags={"mlplab.command": self.subcommand},
+                tags={**(config.get("tags") or {}), "mlplab.command": self.subcommand},
                 run_id=self.resumed_run(checkpoint) if self.subcommand == "fit" else None,
             )
         return super().instantiate_trainer(**kwargs)
@@ -248,6 +258,8 @@ class MLPLabCLI(LightningCLI):
         if isinstance(logger, MLflowLogger):
             uri = log_model(logger, self.model, datamodule.data["train"][0])
             print(f"mlplab: run {logger.run_id} ({logger.name}), model {uri}")
+            if self.config.fit.register_model:
+                register_model(uri, self.config.fit.register_model, logger._tracking_uri)
 
 
 def _quiet() -> None:
@@ -288,6 +300,22 @@ def main(args: list[str] | None = None) -> None:
             from mlplab.reproduce import main as reproduce_main
 
             reproduce_main(argv[1:])
+        elif argv[:1] == ["sweep"]:
+            from mlplab.sweep import main as sweep_main
+
+            sweep_main(argv[1:])
+        elif argv[:1] == ["baseline"]:
+            from mlplab.baseline import main as baseline_main
+
+            baseline_main(argv[1:])
+        elif argv[:1] == ["export"]:
+            from mlplab.export import main as export_main
+
+            export_main(argv[1:])
+        elif argv[:1] == ["runs"]:
+            from mlplab.runs import main as runs_main
+
+            runs_main(argv[1:])
         elif argv[:1] == ["predict"] and "--input" in argv:
             from mlplab.predict import main as predict_main
 

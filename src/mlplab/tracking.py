@@ -219,7 +219,8 @@ class MLflowSaveConfig(SaveConfigCallback):
             return
         client, run_id = logger.experiment, logger.run_id
         config = self.config.clone()
-        config.pop("config", None)  # the paths of the YAML files, not settings
+        for key in ("config", "tags"):  # the YAML files' paths and the tags: not settings
+            config.pop(key, None)
         params = flatten_config(config.as_dict())
         params["trainer.world_size"] = trainer.world_size
         params["trainer.nodes_used"] = trainer.num_nodes
@@ -277,3 +278,17 @@ def log_model(logger: MLflowLogger, module, input_example: torch.Tensor) -> str:
             serialization_format="pt2",  # torch.export: loads and serves without mlplab's code
         )
     return f"runs:/{logger.run_id}/model"
+
+
+def register_model(model_uri: str, name: str, tracking_uri: str | None = None) -> str:
+    """Register a logged model in the Model Registry; returns `models:/<name>/<version>`."""
+    import logging
+
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    logging.getLogger("mlflow.tracking._model_registry.client").setLevel(logging.WARNING)
+    version = mlflow.register_model(model_uri, name)
+    uri = f"models:/{name}/{version.version}"
+    print(f"mlplab: registered {model_uri} as {uri}")
+    return uri
