@@ -18,7 +18,7 @@ from mlplab.sweep import POINT_TAG
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
 SWEEP = ["sweep", "--config", config("xor"), "--grid", "model.lr=[0.02,0.05]",
          "model.hidden_sizes=[[4,4],[8]]", "--metric", "val/loss", "--workers", "2",
-         "--trainer.max_epochs=30"]  # fmt: skip
+         "--register_model", "xor-sweep-best", "--trainer.max_epochs=30"]  # fmt: skip
 
 
 def experiment_runs(uri: str, name: str):
@@ -52,6 +52,8 @@ def test_sweep_is_a_parent_with_a_child_per_point(sweep):
     best = min(children, key=lambda r: r.data.metrics["val/loss"])
     assert parent.data.tags["mlplab.best_child"] == best.info.run_id
     assert parent.data.metrics["best/val/loss"] == best.data.metrics["val/loss"]
+    registered = MlflowClient(uri).get_model_version("xor-sweep-best", "1")
+    assert registered.run_id == best.info.run_id
 
 
 def test_rerunning_a_sweep_skips_finished_children(sweep):
