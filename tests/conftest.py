@@ -34,6 +34,27 @@ def run_mlplab(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Com
     )
 
 
+def store_uri(folder: Path) -> str:
+    """The SQLite store of `folder` (as the CLI lays it out under a working directory)."""
+    return f"sqlite:///{folder}/mlruns/mlflow.db"
+
+
+def run_in_store(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m mlplab ARGS` in `folder` with its own store; it must succeed."""
+    result = run_mlplab(*args, cwd=folder, env={"MLFLOW_TRACKING_URI": store_uri(folder)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def experiment_runs(uri: str, name: str):
+    """(client, the experiment's runs); no runs if the experiment does not exist."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    return client, ([] if found is None else client.search_runs([found.experiment_id]))
+
+
 def config(name: str) -> str:
     return str(ROOT / "configs" / f"{name}.yaml")
 

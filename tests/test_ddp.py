@@ -16,9 +16,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only as lightning_rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from mlflow import MlflowClient
 
-from conftest import ROOT, config, run_mlplab
+from conftest import ROOT, config, experiment_runs, run_mlplab, store_uri
 from mlplab.cli import MLPLabCLI
 from mlplab.slurm import SLURMRequeue
 
@@ -32,15 +31,8 @@ MOONS = [
 DDP_CPU = ["--config", config("trainer/ddp_cpu")]
 
 
-def runs_of(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    assert found is not None, f"no experiment {experiment!r}"
-    return client, client.search_runs([found.experiment_id])
-
-
 def one_run(uri: str, experiment: str):
-    client, runs = runs_of(uri, experiment)
+    client, runs = experiment_runs(uri, experiment)
     assert len(runs) == 1, f"{experiment}: expected exactly one run, found {len(runs)}"
     return client, runs[0]
 
@@ -48,7 +40,7 @@ def one_run(uri: str, experiment: str):
 @pytest.fixture(scope="module")
 def single_and_ddp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    uri = store_uri(tmp)
     env = {"MLFLOW_TRACKING_URI": uri}
     for name, extra in (("single", []), ("ddp", DDP_CPU)):
         result = run_mlplab(*MOONS, *extra, "--experiment_name", name, cwd=tmp, env=env)
@@ -97,7 +89,7 @@ def test_ddp_checkpoints_and_model_belong_to_the_run(single_and_ddp):
 
 def test_global_batch_keeps_the_batch_when_devices_change(tmp_path):
     """`--data.global_batch true`: batch 64 on 2 devices is 32 per device, 64 per step."""
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = store_uri(tmp_path)
     result = run_mlplab(
         "fit", "--config", config("moons"), *DDP_CPU, "--data.global_batch", "true",
         "--data.batch_size", "64", "--trainer.max_epochs", "2", "--trainer.callbacks", "[]",
@@ -112,7 +104,7 @@ def test_global_batch_keeps_the_batch_when_devices_change(tmp_path):
 
 def test_torchrun_script_launches_ranks_that_log_one_run(tmp_path):
     """scripts/torchrun.sh on CPU: torchrun starts the ranks, Lightning reads its variables."""
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = store_uri(tmp_path)
     venv_bin = str(Path(sys.executable).parent)
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "torchrun.sh"), config("moons"),
@@ -164,7 +156,7 @@ def test_slurm_requeue_resumes_the_same_mlflow_run(tmp_path):
     scontrol = bin_dir / "scontrol"
     scontrol.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/requeued"\nkill -9 $PPID\n')
     scontrol.chmod(0o755)
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = store_uri(tmp_path)
     env = {
         **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri,
         "SLURM_JOB_ID": "777", "SLURM_JOB_NAME": "mlplab", "SLURM_NTASKS": "1",

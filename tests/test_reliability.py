@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Trainer
 from mlflow import MlflowClient
 
-from conftest import config, run_mlplab
+from conftest import config, experiment_runs, run_in_store, run_mlplab, store_uri
 from mlplab.cli import main
 from mlplab.data import XORDataModule
 from mlplab.models import Classifier
@@ -22,12 +22,6 @@ from mlplab.models import Classifier
 # two moons, 40 epochs of 13 batches: long enough to interrupt, short enough for CI
 MOONS = ["fit", "--config", config("moons"), "--trainer.max_epochs", "40",
          "--trainer.callbacks", "[]"]  # fmt: skip
-
-
-def runs(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    return client, ([] if found is None else client.search_runs([found.experiment_id]))
 
 
 def start(args: list[str], cwd, uri: str) -> tuple[subprocess.Popen, object]:
@@ -60,22 +54,20 @@ def history(client, run_id: str, key: str = "val/loss") -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whole")
-    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    result = run_mlplab(*MOONS, cwd=tmp, env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return runs(uri, "moons")[1][0]
+    run_in_store(tmp, *MOONS)
+    return experiment_runs(store_uri(tmp), "moons")[1][0]
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted):
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = store_uri(tmp_path)
     job, log = start(MOONS, tmp_path, uri)
     run_id = wait_for_epochs(job, tmp_path, uri, "moons", 3)
     job.send_signal(getattr(signal, how))
     job.wait(timeout=120)
     log.close()
     output = (tmp_path / "job.log").read_text()
-    client, found = runs(uri, "moons")  # the store still reads
+    client, found = experiment_runs(uri, "moons")  # the store still reads
     (run,) = found
     if how == "SIGKILL":
         assert job.returncode == -signal.SIGKILL
@@ -95,7 +87,7 @@ def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted)
                          env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"mlplab: resuming run {run_id}" in resumed.stderr
-    client, found = runs(uri, "moons")
+    client, found = experiment_runs(uri, "moons")
     assert len(found) == 1, "resuming made a second run"
     (run,) = found
     assert run.info.status == "FINISHED"
@@ -111,7 +103,7 @@ def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted)
 
 
 def test_diverging_training_stops_with_a_reason_and_a_failed_run(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = store_uri(tmp_path)
     result = run_mlplab(
         "fit", "--config", config("iris_regression"), "--model.optimizer", "SGD",
         "--model.lr", "1e6", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri},
@@ -119,7 +111,7 @@ def test_diverging_training_stops_with_a_reason_and_a_failed_run(tmp_path):
     assert result.returncode == 1
     assert "mlplab: error: training diverged: train/loss is nan in epoch 0" in result.stderr
     assert "Traceback" not in result.stderr
-    (run,) = runs(uri, "iris_regression")[1]
+    (run,) = experiment_runs(uri, "iris_regression")[1]
     assert run.info.status == "FAILED"
     assert run.data.tags["mlplab.failure"].startswith("TrainingDiverged: training diverged")
 
@@ -150,7 +142,7 @@ def xor_checkpoint(tmp_path_factory):
 def test_bad_input_is_one_line_and_touches_no_store(args, message, tmp_path, xor_checkpoint):
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
     args = [str(xor_checkpoint) if a == "XOR" else a for a in args]
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = store_uri(tmp_path)
     result = run_mlplab("fit", "--config", config("iris_classification"), *args, cwd=tmp_path,
                         env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     assert result.returncode == 2
@@ -162,10 +154,8 @@ def test_bad_input_is_one_line_and_touches_no_store(args, message, tmp_path, xor
 def test_validate_with_another_models_checkpoint_is_one_line(tmp_path):
     """A checkpoint written through the CLI carries its model's settings, which Lightning
     merges into the config; the weights still do not fit the digits data."""
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    trained = run_mlplab("fit", "--config", config("xor"), "--trainer.max_epochs", "2",
-                         cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    uri = store_uri(tmp_path)
+    run_in_store(tmp_path, "fit", "--config", config("xor"), "--trainer.max_epochs", "2")
     (checkpoint,) = (tmp_path / "mlruns" / "xor").glob("*/checkpoints/last.ckpt")
     result = run_mlplab("validate", "--config", config("digits"), "--ckpt_path", str(checkpoint),
                         cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
@@ -199,7 +189,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
 def test_concurrent_runs_share_one_sqlite_store(tmp_path):
     """Four `mlplab fit` processes start together on a fresh store: all finish, every metric
     of every epoch is recorded."""
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = store_uri(tmp_path)
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
     jobs = [
         subprocess.Popen(
@@ -228,7 +218,7 @@ def test_concurrent_runs_share_one_sqlite_store(tmp_path):
     for job in jobs:
         _, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
-    client, found = runs(uri, "iris_classification")
+    client, found = experiment_runs(uri, "iris_classification")
     assert sorted(r.info.run_name for r in found) == [f"run-{i}" for i in range(4)]
     for run in found:
         assert run.info.status == "FINISHED"

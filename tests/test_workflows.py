@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, config, run_mlplab
+from conftest import ROOT, config, experiment_runs, run_in_store, run_mlplab, store_uri
 from mlplab.cli import main
 from mlplab.sweep import POINT_TAG
 
@@ -21,18 +21,10 @@ SWEEP = ["sweep", "--config", config("xor"), "--grid", "model.lr=[0.02,0.05]",
          "--register_model", "xor-sweep-best", "--trainer.max_epochs=30"]  # fmt: skip
 
 
-def experiment_runs(uri: str, name: str):
-    client = MlflowClient(uri)
-    return client, client.search_runs([client.get_experiment_by_name(name).experiment_id])
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    result = run_mlplab(*SWEEP, cwd=tmp, env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return uri, tmp, result
+    return store_uri(tmp), tmp, run_in_store(tmp, *SWEEP)
 
 
 def test_sweep_is_a_parent_with_a_child_per_point(sweep):
@@ -149,10 +141,8 @@ def test_registered_model_is_served_over_http(tmp_path):
     import time
     import urllib.request
 
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    trained = run_mlplab("fit", "--config", config("xor"), "--register_model", "xor-served",
-                         cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    uri = store_uri(tmp_path)
+    run_in_store(tmp_path, "fit", "--config", config("xor"), "--register_model", "xor-served")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -67,6 +67,10 @@ class MLPLabCLI(LightningCLI):
             save_config_kwargs={"save_to_log_dir": False},
             auto_configure_optimizers=False,
             parser_class=_Parser,
+            parser_kwargs={
+                "description": "Train, evaluate and track MLPs. Also: mlplab sweep | baseline | "
+                "runs | export | reproduce | predict --model M --input X (each with --help)."
+            },
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
             trainer_defaults={"default_root_dir": "mlruns"},
             args=args,

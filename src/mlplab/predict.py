@@ -73,7 +73,8 @@ def read_features(path: Path) -> np.ndarray:
         raise UserError(f"{path} has no rows: write one row of features per line")
     if not np.isfinite(x).all():
         raise UserError(f"{path} has empty, NaN or infinite values; every feature must be a number")
-    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow is the next check's message
+        x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise UserError(f"{path} has values beyond float32's range (about 3.4e38)")
     return x
