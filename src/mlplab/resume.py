@@ -6,6 +6,7 @@ before Lightning opens the run, that is before the checkpoint is restored, so it
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -17,7 +18,17 @@ from mlplab.errors import UserError
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents (tensors memory-mapped, not read), or a one-line error."""
+    """A checkpoint's contents (tensors memory-mapped, not read), or a one-line error. Read
+    once per process however many checks ask (the dict is shared: do not modify it)."""
+    try:
+        modified = Path(path).stat().st_mtime_ns
+    except OSError:
+        modified = None
+    return _read_checkpoint(str(path), modified)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_checkpoint(path: str, modified: int | None) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except FileNotFoundError:
