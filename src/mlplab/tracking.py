@@ -171,8 +171,23 @@ class MLflowLogger(MLFlowLogger):
 
     def finalize(self, status: str = "success") -> None:
         """As Lightning's, but an interrupted run ends KILLED and a failed one says why."""
+        reason = None
         if status == "failed" and self.failure is not None and self._initialized:
             status, reason = self.failure
+        try:
+            self._finalize(status, reason)
+        except Exception:  # noqa: BLE001
+            # Ctrl-C inside an SQLite write leaves its transaction open ("database is locked"):
+            # drop the store's connections and write the status on a fresh one
+            engine = getattr(getattr(self._mlflow_client._tracking_client, "store", None),
+                             "engine", None)  # fmt: skip
+            if engine is None:
+                raise
+            engine.dispose()
+            self._finalize(status, reason)
+
+    def _finalize(self, status: str, reason: str | None) -> None:
+        if reason is not None:
             self.experiment.set_tag(self.run_id, "mlplab.failure", reason[:5000])
         super().finalize(status)
 
