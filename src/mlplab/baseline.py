@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, is_classifier
 from mlplab.data.base import ArrayDataModule
 from mlplab.errors import UserError
 from mlplab.tracking import (
-    experiment_dir,
+    ensure_experiment,
     flatten_config,
     local_store_root,
     resolve_tracking_uri,
@@ -67,9 +67,7 @@ def run_baseline(config) -> tuple[str, dict[str, float]]:
     uri = resolve_tracking_uri(config.tracking_uri)
     with store_lock(local_store_root(uri)):
         mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(config.experiment_name) is None:  # laid out as fit's
-            location = experiment_dir(config.experiment_name, uri).resolve().as_uri()
-            mlflow.create_experiment(config.experiment_name, artifact_location=location)
+        ensure_experiment(mlflow.MlflowClient(uri), config.experiment_name, uri)
         mlflow.set_experiment(config.experiment_name)
     params = flatten_config(config.clone().as_dict())
     for key in ("config", "experiment_name", "run_name", "tracking_uri"):

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from mlplab.errors import UserError
-from mlplab.tracking import local_store_root, resolve_tracking_uri, store_lock
+from mlplab.tracking import ensure_experiment, local_store_root, resolve_tracking_uri, store_lock
 
 POINT_TAG = "mlplab.sweep.point"
 KEY_TAG = "mlplab.sweep.key"
@@ -95,12 +95,7 @@ class Sweep:
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
         client = self.client
-        experiment = client.get_experiment_by_name(self.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else client.create_experiment(self.experiment)
-        )
+        experiment_id = ensure_experiment(client, self.experiment, self.uri)
         earlier = client.search_runs(
             [experiment_id], f"tags.`{KEY_TAG}` = '{self.key}'", order_by=["start_time DESC"]
         )

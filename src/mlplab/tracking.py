@@ -81,6 +81,17 @@ def check_reachable(tracking_uri: str | None) -> None:
         ) from None
 
 
+def ensure_experiment(client, name: str, tracking_uri: str) -> str:
+    """The experiment's id, creating it laid out as `MLflowLogger` lays out a local store
+    (`<store>/<experiment>/`), whoever creates it first (fit, sweep or baseline)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    root = local_store_root(tracking_uri)
+    location = experiment_dir(name, tracking_uri).resolve().as_uri() if root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
 class RunStatus(Callback):
     """Why a run ended early, for `MLflowLogger.finalize`: Ctrl-C and SIGTERM mark it KILLED,
     an error FAILED with its message as the `mlplab.failure` tag."""
