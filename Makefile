@@ -34,8 +34,8 @@ reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and 
 bench: $(STAMP) ## time mlplab against a plain PyTorch loop and the usual Lightning idiom
 	$(BIN)/python bench/bench.py
 
-lint: $(STAMP) ## ruff over the sources and tests
-	$(BIN)/ruff check src tests
+lint: $(STAMP) ## ruff over the sources, tests and benchmark
+	$(BIN)/ruff check src tests bench
 
 ui: $(STAMP) ## the MLflow UI on the project's store, at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import CONFIGS, ROOT, config, real_data, run_mlplab
+from conftest import CONFIGS, ROOT, config, experiment_runs, real_data, run_mlplab
 from mlplab.cli import main
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
@@ -249,3 +249,30 @@ def test_console_script_trains_into_the_default_store(tmp_path):
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns"]
     assert Path(tmp_path / "mlruns" / "xor").is_dir()
+
+
+def test_checkpointing_can_be_turned_off(tmp_path, monkeypatch):
+    # mlplab adds a ModelCheckpoint; Lightning refuses one beside enable_checkpointing=false
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    main(["fit", "--config", config("xor"), "--trainer.max_epochs", "3",
+          "--trainer.enable_checkpointing", "false", "--tracking_uri", uri])  # fmt: skip
+    run = only_run(uri, "xor")
+    assert run.data.metrics["val/acc"] >= 0  # trained, logged
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
+
+
+@pytest.mark.parametrize("option", ["gradient_clip_val 1.0", "accumulate_grad_batches 4"])
+def test_trainer_options_the_tasks_cannot_honour_are_refused(tmp_path, monkeypatch, capsys, option):
+    # the tasks step the optimiser themselves: Lightning would raise a traceback mid-setup
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    key, value = option.split()
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", config("xor"), f"--trainer.{key}", value, "--tracking_uri", uri])
+    assert done.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mlplab: error: trainer.{key} does not apply"), err
+    assert "Traceback" not in "\n".join(err)
+    assert experiment_runs(uri, "xor")[1] == []  # refused before an MLflow run was started

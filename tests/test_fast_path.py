@@ -97,3 +97,28 @@ def test_epoch_scheduler_steps_once_per_epoch():
         task, dm
     )
     assert task.optimizers().param_groups[0]["lr"] == 0.1 * 0.5**3
+
+
+class EpochStartProbe(Callback):
+    """What the task's epoch metrics hold when an epoch starts: nothing, if reset."""
+
+    def __init__(self) -> None:
+        self.samples_at_start: list[float] = []
+
+    def on_train_epoch_start(self, trainer, task) -> None:
+        self.samples_at_start.append(float(task.train_loss.weight))
+
+
+def test_epoch_metrics_cover_one_epoch_and_are_the_models_own():
+    # metric objects are updated per step and logged once per epoch, in the epoch-end hooks
+    probe = EpochStartProbe()
+    task, metrics = train(chunk=4, epochs=3, callbacks=[probe])
+    assert probe.samples_at_start == [0.0, 0.0, 0.0]  # Lightning reset them after each epoch
+    dm = task.trainer.datamodule
+    x, y = dm.data["val"]
+    with torch.no_grad():
+        logits = task(x)
+    assert metrics["val/samples"] == len(y)  # the last validation alone
+    assert abs(metrics["val/acc"] - (logits.argmax(1) == y).float().mean().item()) < 1e-6
+    assert abs(metrics["val/loss"] - nn.functional.cross_entropy(logits, y).item()) < 1e-5
+    assert {"train/loss", "train/acc"} <= metrics.keys()

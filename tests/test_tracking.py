@@ -101,3 +101,31 @@ def test_runs_land_on_a_tracking_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_epoch_is_one_metric_write_and_nothing_is_held_back(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from mlplab.cli import main
+
+    writes = []
+    log_batch = MlflowClient.log_batch
+
+    def spy(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            writes.append(sorted({m.key for m in metrics}))
+        return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", spy)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    main(["fit", "--config", config("xor"), "--trainer.max_epochs", "3", "--tracking_uri", uri])
+    epoch = ["train/acc", "train/loss", "val/acc", "val/loss", "val/samples"]
+    # one write per epoch, one for the test; then `log_model`, where MLflow itself copies the
+    # last epoch's metrics to the logged model
+    assert writes[:4] == [epoch] * 3 + [["test/acc", "test/loss", "test/samples"]]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("xor").experiment_id)
+    for key in epoch:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
+    assert run.data.metrics["test/samples"] == 4  # written when the test run finalised

@@ -171,6 +171,16 @@ class MLPLabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.command_config
         trainer = self._get(self.config_init, "trainer", default={})
+        unsupported = {  # checked before any MLflow run exists
+            "gradient_clip_val": (None, "remove it"),
+            "accumulate_grad_batches": (1, "remove it and raise data.batch_size instead"),
+        }
+        for key, (off, fix) in unsupported.items():
+            if trainer.get(key) not in (off, 0):
+                raise UserError(
+                    f"trainer.{key} does not apply: mlplab's tasks step the optimiser once per "
+                    f"batch themselves; {fix}"
+                )
         callbacks = [RunStatus()]
         if SLURMEnvironment.detect():
             if trainer.get("default_root_dir") == "mlruns":
@@ -196,7 +206,12 @@ class MLPLabCLI(LightningCLI):
                 tags={**(config.get("tags") or {}), "mlplab.command": self.subcommand},
                 run_id=self.resumed_run(checkpoint) if self.subcommand == "fit" else None,
             )
-        return super().instantiate_trainer(**kwargs)
+        extra = [
+            self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
+        ]
+        if trainer.get("enable_checkpointing") is False:  # the user's word beats our default
+            extra = [callback for callback in extra if not isinstance(callback, ModelCheckpoint)]
+        return self._instantiate_trainer({**trainer, **kwargs}, extra)
 
     def resolve_checkpoint(self, experiment: str) -> Path | None:
         """The checkpoint `--ckpt_path` names (`last`: the experiment's newest; on SLURM, a

@@ -169,6 +169,8 @@ class MLflowLogger(MLFlowLogger):
         self.store_root = root if root is not None else Path("mlruns")
         self.resumed = run_id is not None
         self.failure: tuple[str, str] | None = None  # (status, reason), set by `RunStatus`
+        self._pending: dict[str, float] = {}  # metrics not yet written, see `log_metrics`
+        self._pending_step: int | None = None
 
     @property
     @rank_zero_experiment
@@ -198,6 +200,7 @@ class MLflowLogger(MLFlowLogger):
             self._finalize(status, reason)
 
     def _finalize(self, status: str, reason: str | None) -> None:
+        self.flush()
         if reason is not None:
             self.experiment.set_tag(self.run_id, "mlplab.failure", reason[:5000])
         super().finalize(status)
@@ -211,9 +214,23 @@ class MLflowLogger(MLFlowLogger):
         return _folder_name(self._experiment_name)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """One write per epoch: an epoch's validation metrics wait for its training metrics,
+        which Lightning logs last (a write to SQLite costs ~8 ms here, whatever its size).
+        Anything still waiting is written when the step changes and in `finalize`."""
         metrics = dict(metrics)
         epoch = metrics.pop("epoch", None)
-        super().log_metrics(metrics, step=int(epoch) if epoch is not None else step)
+        step = int(epoch) if epoch is not None else step
+        if self._pending and step != self._pending_step:
+            self.flush()
+        self._pending.update(metrics)
+        self._pending_step = step
+        if any(key.startswith("train/") for key in metrics):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            super().log_metrics(self._pending, step=self._pending_step)
+            self._pending = {}  # only once written: a failed write is retried by `finalize`
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -59,13 +59,22 @@ class Standardize(nn.Module):
         return (x.flatten(1) - self.mean) / self.std
 
 
-class EpochMean(torchmetrics.MeanMetric):
-    """Sample-weighted mean that keeps NaN (a diverged loss must show) and checks nothing per
-    update (no host sync). torchmetrics' own `nan_strategy="disable"` also drops the weights
-    (torchmetrics 1.9.0)."""
+class _Unchecked:
+    """A torchmetrics aggregator that keeps NaN (a diverged loss must show) and checks nothing
+    per update (no host sync). torchmetrics' own `nan_strategy="disable"` also drops the
+    weights (torchmetrics 1.9.0)."""
 
     def _cast_and_nan_check_input(self, x, weight=None):
-        return x.to(self.dtype), weight.to(self.dtype)
+        x = torch.as_tensor(x, dtype=self.dtype, device=self.device)
+        return x, None if weight is None else weight.to(self.dtype)
+
+
+class EpochMean(_Unchecked, torchmetrics.MeanMetric):
+    """Sample-weighted mean of an epoch."""
+
+
+class EpochCount(_Unchecked, torchmetrics.SumMetric):
+    """How many samples an epoch's metrics cover, summed over DDP ranks."""
 
 
 class MLPTask(LightningModule):
@@ -109,6 +118,7 @@ class MLPTask(LightningModule):
         # for uneven shards, where Lightning's own `sync_dist` mean floors its integer batch
         # count (Lightning-AI/pytorch-lightning#21838).
         self.train_loss, self.val_loss, self.test_loss = EpochMean(), EpochMean(), EpochMean()
+        self.val_samples, self.test_samples = EpochCount(), EpochCount()
 
     # --- what a task defines -------------------------------------------------------------------
     output: nn.Module  # logits -> the seed's output unit (probabilities or values)
@@ -135,22 +145,26 @@ class MLPTask(LightningModule):
         """Logits, shape (batch, num_outputs)."""
         return self.mlp(self.input_norm(x))
 
-    def _log_epoch(self, stage: str, loss: torch.Tensor, n: int) -> None:
-        """Epoch values only, accumulated on the device (no host sync per step); torchmetrics
-        reduces them over DDP ranks once per epoch."""
-        mean_loss = getattr(self, f"{stage}_loss")
-        mean_loss.update(loss, weight=n)
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
-        self.log_dict(getattr(self, f"{stage}_metrics"), on_step=False, on_epoch=True)
+    def _update(self, stage: str, outputs: torch.Tensor, y: torch.Tensor, loss: torch.Tensor):
+        """Accumulate an epoch's metrics on the device: no host sync, no `self.log` per step
+        (Lightning's costs ~1 ms a call here); `_log_epoch` logs them once."""
+        getattr(self, f"{stage}_metrics").update(*self.metric_inputs(outputs, y))
+        getattr(self, f"{stage}_loss").update(loss, weight=len(y))
+        if stage != "train":  # every sample evaluated once, summed over ranks
+            getattr(self, f"{stage}_samples").update(len(y))
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log a stage's metric objects: torchmetrics reduces their states over DDP ranks in
+        `compute`, and Lightning resets them for the next epoch."""
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
+        self.log_dict(getattr(self, f"{stage}_metrics"))
+        if stage != "train":
+            self.log(f"{stage}/samples", getattr(self, f"{stage}_samples"))
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
         logits = self(x)
-        getattr(self, f"{stage}_metrics").update(*self.metric_inputs(logits, y))
-        self._log_epoch(stage, self.loss(logits, y), len(x))
-        # how many samples the epoch's metrics cover, summed over ranks: every sample once
-        samples = torch.tensor(float(len(x)), device=self.device)
-        self.log(f"{stage}/samples", samples, on_epoch=True, reduce_fx="sum", sync_dist=True)
+        self._update(stage, logits, y, self.loss(logits, y))
 
     def training_step(self, batch, batch_idx) -> None:
         """One optimiser step per batch of the chunk: `batch` is (xs, ys), tuples of batches (or
@@ -178,8 +192,7 @@ class MLPTask(LightningModule):
             )
         y = torch.cat(ys)
         sizes = torch.tensor([len(x) for x in xs], dtype=torch.float32, device=y.device)
-        self.train_metrics.update(*self.metric_inputs(torch.cat(outputs), y))
-        self._log_epoch("train", torch.stack(losses) @ sizes / len(y), len(y))
+        self._update("train", torch.cat(outputs), y, torch.stack(losses) @ sizes / len(y))
 
     def on_train_start(self) -> None:
         # Lightning's wrappers cost ~0.4 ms a step here, as much as the MNIST seed MLP's maths
@@ -192,6 +205,7 @@ class MLPTask(LightningModule):
                 f"training diverged: train/loss is {loss.item()} in epoch {self.current_epoch} "
                 f"(model.lr is {self.hparams.lr}: lower it, or standardize the inputs)"
             )
+        self._log_epoch("train")
         scheduler = self.lr_schedulers()  # stepped per epoch, after validation
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(self.trainer.callback_metrics[self.monitor])
@@ -201,8 +215,14 @@ class MLPTask(LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, list | tuple) else batch
