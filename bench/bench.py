@@ -160,7 +160,7 @@ class Stopwatch:
     """Seconds spent in a callable, summed over its calls."""
 
     def __init__(self, function) -> None:
-        self.function, self.seconds, self.calls = function, 0.0, 0
+        self.function, self.seconds = function, 0.0
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
@@ -168,7 +168,6 @@ class Stopwatch:
             return self.function(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
-            self.calls += 1
 
 
 def mlplab_fit(

@@ -11,6 +11,7 @@ from argparse import ArgumentError
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -206,12 +207,14 @@ class MLPLabCLI(LightningCLI):
                 tags={**(config.get("tags") or {}), "mlplab.command": self.subcommand},
                 run_id=self.resumed_run(checkpoint) if self.subcommand == "fit" else None,
             )
-        extra = [
-            self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys
-        ]
-        if trainer.get("enable_checkpointing") is False:  # the user's word beats our default
-            extra = [callback for callback in extra if not isinstance(callback, ModelCheckpoint)]
-        return self._instantiate_trainer({**trainer, **kwargs}, extra)
+        return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        if config.get("enable_checkpointing") is False:  # the user's word beats our checkpoint
+            callbacks = [
+                callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)
+            ]
+        return super()._instantiate_trainer(config, callbacks)
 
     def resolve_checkpoint(self, experiment: str) -> Path | None:
         """The checkpoint `--ckpt_path` names (`last`: the experiment's newest; on SLURM, a
