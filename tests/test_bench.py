@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from lightning.pytorch import Trainer
 
 from conftest import ROOT
 from mlplab.data import XORDataModule
-from mlplab.models import Classifier
+from mlplab.models import MLP, Classifier
 
 spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
 bench = importlib.util.module_from_spec(spec)
@@ -33,7 +34,7 @@ class SleepyPlain:
 def test_every_contender_epoch_is_paired_with_a_plain_epoch_just_before_it():
     plain = SleepyPlain()
     timer = bench.PairedEpochs(plain)
-    task = Classifier(num_features=2, num_classes=2, hidden_sizes=[4])
+    task = Classifier(partial(MLP, hidden_sizes=[4]), num_features=2, num_classes=2)
     trainer = Trainer(
         max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer],

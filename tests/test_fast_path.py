@@ -1,61 +1,85 @@
-"""The fast path (chunks of batches, one index op per chunk) trains like the textbook one."""
+"""The fast path (chunks of batches per Lightning step) trains exactly like plain Lightning."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 from mlplab.data import DigitsDataModule
-from mlplab.models import Classifier
+from mlplab.models import MLP, Classifier
 
 
-class GradNormProbe(Callback):
-    """Listens to the backward pass, as a gradient monitor would: needs Lightning's wrappers."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        self.calls += 1
+def one_cycle(optimizer):
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=80)
 
 
-def train(chunk: int, epochs: int = 2, callbacks=()) -> tuple[Classifier, dict]:
+def halve(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+
+def train(chunk: int, epochs: int = 2, callbacks=(), task_options=None, **trainer_options):
     seed_everything(3)
     dm = DigitsDataModule(n_train=300, batch_size=16, chunk=chunk)
     task = Classifier(
-        num_features=64, num_classes=10, hidden_sizes=[32], optimizer=torch.optim.SGD, lr=0.01
-    )
+        partial(MLP, hidden_sizes=[32]), num_features=64, num_classes=10,
+        optimizer=torch.optim.SGD, lr=0.01, **(task_options or {}),
+    )  # fmt: skip
     trainer = Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+        **trainer_options,
     )  # fmt: skip
     trainer.fit(task, dm)
     return task, {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def test_direct_steps_match_lightnings_wrapped_steps_and_yield_to_listeners():
-    """One process in 32-bit steps the optimiser directly; a callback listening to the backward
-    pass switches back to `manual_backward`, still called once per batch, with the same result."""
-    direct, direct_metrics = train(chunk=8)
-    probe = GradNormProbe()
-    wrapped, wrapped_metrics = train(chunk=8, callbacks=[probe])
-    assert direct.direct_steps and not wrapped.direct_steps
-    assert probe.calls == 2 * (300 // 16 + 1)
-    assert direct.trainer.global_step == wrapped.trainer.global_step == 2 * (300 // 16 + 1)
-    for a, b in zip(direct.parameters(), wrapped.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert direct_metrics == wrapped_metrics
+def assert_same_training(a: Classifier, b: Classifier) -> None:
+    assert a.trainer.global_step == b.trainer.global_step
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    lr = [t.optimizers().param_groups[0]["lr"] for t in (a, b)]
+    assert lr[0] == pytest.approx(lr[1], rel=1e-12)
 
 
-def test_chunked_steps_match_one_batch_per_step():
-    one, one_metrics = train(chunk=1)
-    many, many_metrics = train(chunk=32)
-    for a, b in zip(one.parameters(), many.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert one_metrics.keys() == many_metrics.keys()
-    for key in one_metrics:
-        assert abs(one_metrics[key] - many_metrics[key]) < 1e-5, key
+FEATURES = {
+    "plain": ({}, {}),
+    "max_steps": ({"max_steps": 10}, {}),
+    "accumulate_grad_batches": ({"accumulate_grad_batches": 3}, {}),
+    "gradient_clip_norm": ({"gradient_clip_val": 0.05}, {}),
+    "gradient_clip_value": ({"gradient_clip_val": 0.001, "gradient_clip_algorithm": "value"}, {}),
+    "step_scheduler": ({}, {"lr_scheduler": one_cycle, "lr_scheduler_interval": "step"}),
+    "epoch_scheduler_every_2": (
+        {"epochs": 4}, {"lr_scheduler": halve, "lr_scheduler_frequency": 2}
+    ),
+}
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_chunks_train_exactly_as_lightnings_automatic_optimisation(feature):
+    """Weights, global step and learning rate after training with chunks of 8 batches equal
+    those of plain Lightning (one batch per step, automatic optimisation)."""
+    trainer_options, task_options = FEATURES[feature]
+    plain, plain_metrics = train(1, task_options=task_options, **trainer_options)
+    chunked, chunked_metrics = train(8, task_options=task_options, **trainer_options)
+    assert plain.automatic_optimization and not chunked.automatic_optimization
+    assert_same_training(plain, chunked)
+    assert plain_metrics.keys() == chunked_metrics.keys()
+    for key in plain_metrics:
+        assert chunked_metrics[key] == pytest.approx(plain_metrics[key], abs=1e-5), key
+
+
+def test_max_steps_counts_optimiser_steps_even_inside_a_chunk():
+    task, _ = train(32, max_steps=10)
+    assert task.trainer.global_step == 10
+
+
+def test_accumulation_steps_once_per_three_batches_and_at_the_end_of_each_epoch():
+    task, _ = train(8, epochs=2, accumulate_grad_batches=3)
+    assert task.trainer.global_step == 2 * 7  # 19 batches an epoch: 6 full groups and 1 left
 
 
 def test_chunked_training_matches_a_plain_pytorch_loop():
@@ -65,7 +89,7 @@ def test_chunked_training_matches_a_plain_pytorch_loop():
     dm = DigitsDataModule(n_train=300, batch_size=16)
     dm.setup()
     x, y = dm.data["train"]
-    reference = Classifier(num_features=64, num_classes=10, hidden_sizes=[32])
+    reference = MLP(64, 10, hidden_sizes=[32])
     # a DataLoader iterator draws a base seed from the global generator, then its RandomSampler
     # draws the seed of its permutation
     torch.empty((), dtype=torch.int64).random_()
@@ -77,26 +101,38 @@ def test_chunked_training_matches_a_plain_pytorch_loop():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    for a, b in zip(trained.parameters(), reference.parameters(), strict=True):
+    for a, b in zip(trained.net.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_optimizer_steps_are_counted_per_batch_not_per_chunk():
-    task, _ = train(chunk=8, epochs=1)
-    assert task.trainer.global_step == 300 // 16 + 1  # 19 batches of 16 (the last of 12)
+class BatchCounter(Callback):
+    """Acts after every training batch, as a gradient monitor or EMA would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.calls += 1
 
 
-def test_epoch_scheduler_steps_once_per_epoch():
-    seed_everything(0)
-    dm = DigitsDataModule(n_train=100, batch_size=10, chunk=4)
-    task = Classifier(
-        num_features=64, num_classes=10, lr=0.1,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
-    )  # fmt: skip
-    Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
-        task, dm
-    )
-    assert task.optimizers().param_groups[0]["lr"] == 0.1 * 0.5**3
+@pytest.mark.parametrize(
+    "blocker, options",
+    [
+        (BatchCounter(), {}),
+        (None, {"val_check_interval": 5}),
+        (None, {"limit_train_batches": 3}),
+        (None, {"profiler": "simple"}),
+    ],
+    ids=["per-batch callback", "int val_check_interval",
+         "limit_train_batches", "profiler"],  # fmt: skip
+)
+def test_what_needs_single_batches_turns_chunks_off_and_says_so(blocker, options, caplog):
+    callbacks = [blocker] if blocker is not None else []
+    task, _ = train(8, epochs=1, callbacks=callbacks, **options)
+    assert task.automatic_optimization  # plain Lightning for this run
+    assert "data.chunk 8 is off for this run" in caplog.text
+    if isinstance(blocker, BatchCounter):
+        assert blocker.calls == task.trainer.global_step == 19
 
 
 class EpochStartProbe(Callback):
@@ -109,10 +145,11 @@ class EpochStartProbe(Callback):
         self.samples_at_start.append(float(task.train_loss.weight))
 
 
-def test_epoch_metrics_cover_one_epoch_and_are_the_models_own():
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_epoch_metrics_cover_one_epoch_and_are_the_models_own(chunk):
     # metric objects are updated per step and logged once per epoch, in the epoch-end hooks
     probe = EpochStartProbe()
-    task, metrics = train(chunk=4, epochs=3, callbacks=[probe])
+    task, metrics = train(chunk=chunk, epochs=3, callbacks=[probe])
     assert probe.samples_at_start == [0.0, 0.0, 0.0]  # Lightning reset them after each epoch
     dm = task.trainer.datamodule
     x, y = dm.data["val"]

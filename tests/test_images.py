@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import config, real_data, run_mlplab
-from mlplab.cli import main
 from mlplab.data import FashionMNISTDataModule, MNISTDataModule
 from mlplab.data.images import DatasetError, parse_idx
+from mlplab.main import main
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from lightning.pytorch import Trainer
 from mlflow import MlflowClient
 
 from conftest import config, experiment_runs, run_in_store, run_mlplab, store_uri
-from mlplab.cli import main
 from mlplab.data import XORDataModule
-from mlplab.models import Classifier
+from mlplab.main import main
+from mlplab.models import MLP, Classifier
 
 # two moons, 40 epochs of 13 batches: long enough to interrupt, short enough for CI
 MOONS = ["fit", "--config", config("moons"), "--trainer.max_epochs", "40",
@@ -122,7 +123,8 @@ def xor_checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(Classifier(num_features=2, num_classes=2, hidden_sizes=[4]), XORDataModule())
+    task = Classifier(partial(MLP, hidden_sizes=[4]), num_features=2, num_classes=2)
+    trainer.fit(task, XORDataModule())
     path = tmp / "xor.ckpt"
     trainer.save_checkpoint(path)
     return path

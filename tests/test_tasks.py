@@ -1,12 +1,18 @@
+from functools import partial
+
 import pytest
 import torch
 
 from mlplab.data import IrisClassificationDataModule
-from mlplab.models import Classifier, Regressor
+from mlplab.models import MLP, Classifier, Regressor
+
+
+def mlp(*hidden: int):
+    return partial(MLP, hidden_sizes=list(hidden))
 
 
 def test_binary_classifier_has_one_logit_and_sigmoid_probabilities():
-    task = Classifier(num_features=2, num_classes=2, hidden_sizes=[4])
+    task = Classifier(mlp(4), num_features=2, num_classes=2)
     x = torch.randn(6, 2)
     assert task(x).shape == (6, 1)
     probs = task.inference_module()(x)
@@ -16,13 +22,13 @@ def test_binary_classifier_has_one_logit_and_sigmoid_probabilities():
 
 
 def test_multiclass_classifier_outputs_a_softmax():
-    task = Classifier(num_features=4, num_classes=3, hidden_sizes=[8])
+    task = Classifier(mlp(8), num_features=4, num_classes=3)
     probs = task.inference_module()(torch.randn(5, 4))
     torch.testing.assert_close(probs.sum(1), torch.ones(5))
 
 
 def test_mse_classifier_has_a_linear_output_thresholded_at_one_half():
-    task = Classifier(num_features=2, num_classes=2, hidden_sizes=[2], loss="mse")
+    task = Classifier(mlp(2), num_features=2, num_classes=2, loss="mse")
     logits = torch.tensor([[1.7], [0.4], [-0.3], [0.6]])
     labels, _ = task.metric_inputs(logits, torch.zeros(4, dtype=torch.long))
     assert labels.tolist() == [1, 0, 0, 1]
@@ -32,31 +38,33 @@ def test_mse_classifier_has_a_linear_output_thresholded_at_one_half():
 
 
 def test_regressor_reports_mae_rmse_r2():
-    task = Regressor(num_features=3, num_targets=1, loss="huber")
+    task = Regressor(mlp(8), num_features=3, num_targets=1, loss="huber")
     assert set(task.val_metrics.keys()) == {"val/mae", "val/rmse", "val/r2"}
     assert task(torch.randn(7, 3)).shape == (7, 1)
 
 
 def test_one_learning_rate_whatever_the_optimizer():
-    task = Classifier(num_features=4, num_classes=3, lr=0.05, optimizer=torch.optim.SGD)
+    task = Classifier(mlp(8), num_features=4, num_classes=3, lr=0.05, optimizer=torch.optim.SGD)
     optimizer = task.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.05
 
 
 def test_scheduler_is_built_around_the_optimizer():
     task = Classifier(
+        mlp(8),
         num_features=4,
         num_classes=3,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2),
     )
     config = task.configure_optimizers()
-    assert isinstance(config["lr_scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert config["lr_scheduler"]["interval"] == "epoch"  # Lightning steps it
 
 
 def test_standardisation_statistics_come_from_the_datamodule_and_travel_with_the_model():
     dm = IrisClassificationDataModule(standardize=True)
     dm.setup("fit")
-    task = Classifier(num_features=4, num_classes=3, standardize=True)
+    task = Classifier(mlp(8), num_features=4, num_classes=3, standardize=True)
     task.trainer = type("T", (), {"datamodule": dm})()  # the one attribute setup() reads
     task.setup("fit")
     mean, std = dm.feature_stats()
@@ -68,7 +76,7 @@ def test_standardisation_statistics_come_from_the_datamodule_and_travel_with_the
 
 def test_num_classes_below_two_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
-        Classifier(num_features=4, num_classes=1)
+        Classifier(mlp(8), num_features=4, num_classes=1)
 
 
 def test_epoch_loss_is_sample_weighted_and_keeps_nan():
@@ -80,3 +88,10 @@ def test_epoch_loss_is_sample_weighted_and_keeps_nan():
     assert mean.compute().item() == 1.75
     mean.update(torch.tensor(float("nan")), weight=1)
     assert mean.compute().isnan()
+
+
+def test_a_built_network_is_taken_as_it_is_and_its_width_checked_by_the_loss():
+    net = torch.nn.Linear(4, 3)
+    task = Classifier(net, num_features=4, num_classes=3)
+    assert task.net is net and "net" not in task.hparams  # pass net= to load_from_checkpoint
+    assert task(torch.randn(2, 4)).shape == (2, 3)

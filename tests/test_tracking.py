@@ -8,12 +8,8 @@ import mlflow
 import pytest
 
 from conftest import config, run_mlplab
-from mlplab.tracking import (
-    DEFAULT_TRACKING_URI,
-    flatten_config,
-    local_store_root,
-    resolve_tracking_uri,
-)
+from mlplab.store import DEFAULT_TRACKING_URI, local_store_root, resolve_tracking_uri
+from mlplab.tracking import flatten_config
 
 
 def test_tracking_uri_precedence(monkeypatch):
@@ -106,7 +102,7 @@ def test_runs_land_on_a_tracking_server(tmp_path):
 def test_an_epoch_is_one_metric_write_and_nothing_is_held_back(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from mlplab.cli import main
+    from mlplab.main import main
 
     writes = []
     log_batch = MlflowClient.log_batch
@@ -120,12 +116,13 @@ def test_an_epoch_is_one_metric_write_and_nothing_is_held_back(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     main(["fit", "--config", config("xor"), "--trainer.max_epochs", "3", "--tracking_uri", uri])
-    epoch = ["train/acc", "train/loss", "val/acc", "val/loss", "val/samples"]
+    epoch = ["epoch", "train/acc", "train/loss", "val/acc", "val/loss", "val/samples"]
     # one write per epoch, one for the test; then `log_model`, where MLflow itself copies the
     # last epoch's metrics to the logged model
-    assert writes[:4] == [epoch] * 3 + [["test/acc", "test/loss", "test/samples"]]
+    assert writes[:4] == [epoch] * 3 + [["epoch", "test/acc", "test/loss", "test/samples"]]
     client = MlflowClient(uri)
     (run,) = client.search_runs(client.get_experiment_by_name("xor").experiment_id)
     for key in epoch:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
+        # XOR: 4 optimiser steps an epoch
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [4, 8, 12]
     assert run.data.metrics["test/samples"] == 4  # written when the test run finalised

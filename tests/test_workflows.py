@@ -12,12 +12,12 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, config, experiment_runs, run_in_store, run_mlplab, store_uri
-from mlplab.cli import main
+from mlplab.main import main
 from mlplab.sweep import POINT_TAG
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
 SWEEP = ["sweep", "--config", config("xor"), "--grid", "model.lr=[0.02,0.05]",
-         "model.hidden_sizes=[[4,4],[8]]", "--metric", "val/loss", "--workers", "2",
+         "model.net.hidden_sizes=[[4,4],[8]]", "--metric", "val/loss", "--workers", "2",
          "--register_model", "xor-sweep-best", "--trainer.max_epochs=30"]  # fmt: skip
 
 
@@ -38,7 +38,7 @@ def test_sweep_is_a_parent_with_a_child_per_point(sweep):
     points = {json.loads(r.data.tags[POINT_TAG])["model.lr"] for r in children}
     assert points == {0.02, 0.05}
     assert {r.data.params["model.lr"] for r in children} == {"0.02", "0.05"}
-    assert {r.data.params["model.hidden_sizes"] for r in children} == {"[4, 4]", "[8]"}
+    assert {r.data.params["model.net.hidden_sizes"] for r in children} == {"[4, 4]", "[8]"}
     assert parent.info.status == "FINISHED"
     assert json.loads(parent.data.params["sweep.grid.model.lr"]) == [0.02, 0.05]
     best = min(children, key=lambda r: r.data.metrics["val/loss"])
@@ -71,7 +71,7 @@ def test_runs_table_lists_the_sweep_sorted_with_varying_params(sweep, capsys, mo
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     header = list(rows[0])
     assert header[:4] == ["name", "run_id", "status", "duration_s"]
-    assert {"model.lr", "model.hidden_sizes", "val/loss", "val/acc", "test/acc"} <= set(header)
+    assert {"model.lr", "model.net.hidden_sizes", "val/loss", "val/acc", "test/acc"} <= set(header)
     assert "trainer.max_epochs" not in header  # the same for every run: not worth a column
     losses = [float(row["val/loss"]) for row in rows if row["val/loss"]]
     assert losses == sorted(losses) and len(losses) >= 4
@@ -180,15 +180,18 @@ def test_registered_model_is_served_over_http(tmp_path):
 def test_onnx_export_matches_the_checkpoint(name, tmp_path, capsys):
     """The exported graph (batch norm and standardisation included) runs in ONNX Runtime and
     gives the checkpoint's outputs."""
+    from functools import partial
+
     import onnxruntime
     import torch
     from lightning.pytorch import Trainer
 
-    from mlplab.models import Classifier
+    from mlplab.models import MLP, Classifier
 
-    task = Classifier(num_features=784 if name != "xor" else 2, num_classes=10 if name != "xor"
-                      else 2, hidden_sizes=[32, 16], batch_norm=name != "xor",
-                      input_batch_norm=name != "xor", standardize=True)  # fmt: skip
+    net = partial(MLP, hidden_sizes=[32, 16], batch_norm=name != "xor",
+                  input_batch_norm=name != "xor")  # fmt: skip
+    task = Classifier(net, num_features=784 if name != "xor" else 2,
+                      num_classes=10 if name != "xor" else 2, standardize=True)  # fmt: skip
     task.input_norm.mean.uniform_(0, 1)  # non-trivial statistics everywhere
     for module in task.modules():
         if isinstance(module, torch.nn.BatchNorm1d):

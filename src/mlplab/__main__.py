@@ -1,3 +1,3 @@
-from mlplab.cli import main
+from mlplab.main import main
 
 main()

@@ -17,13 +17,8 @@ from sklearn.base import BaseEstimator, is_classifier
 
 from mlplab.data.base import ArrayDataModule
 from mlplab.errors import UserError
-from mlplab.tracking import (
-    ensure_experiment,
-    flatten_config,
-    local_store_root,
-    resolve_tracking_uri,
-    store_lock,
-)
+from mlplab.store import ensure_experiment, local_store_root, resolve_tracking_uri, store_lock
+from mlplab.tracking import flatten_config
 
 
 def scores(estimator, x: np.ndarray, y: np.ndarray, stage: str) -> dict[str, float]:

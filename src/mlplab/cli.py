@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
 import sys
-import warnings
-from argparse import ArgumentError
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mlplab.data.base import ArrayDataModule
+from mlplab.checkpoints import Checkpoint
 from mlplab.errors import UserError
-from mlplab.models.tasks import MLPTask
 from mlplab.predict import PredictionWriter
 from mlplab.resume import (
     check_fits,
@@ -30,15 +24,18 @@ from mlplab.resume import (
     slurm_root_dir,
 )
 from mlplab.slurm import SLURMRequeue
+from mlplab.store import check_reachable, experiment_dir, run_exists
 from mlplab.tracking import (
-    MLflowLogger,
+    MLflowRunLogger,
     MLflowSaveConfig,
     RunStatus,
-    check_reachable,
-    experiment_dir,
     log_model,
     register_model,
-    run_exists,
+)
+
+DESCRIPTION = (
+    "Train, evaluate and track networks with Lightning and MLflow. Also: mlplab sweep | baseline "
+    "| runs | export | reproduce | predict --model M --input X (each with --help)."
 )
 
 
@@ -54,27 +51,44 @@ class _Parser(LightningArgumentParser):
         self.exit(2)
 
 
+def with_checkpoint_config(args: list[str]) -> list[str]:
+    """`validate|test|predict --ckpt_path X` with neither `--config` nor `--model`: the config the
+    checkpoint was trained with goes first, so the model and the data are the ones it knew."""
+    flags = [arg.split("=", 1)[0] for arg in args]
+    if flags[:1] not in (["validate"], ["test"], ["predict"]) or "--ckpt_path" not in flags:
+        return args
+    if "--config" in flags or "--model" in flags:
+        return args
+    at = flags.index("--ckpt_path")
+    path = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
+    if not Path(path).is_file():
+        return args  # `last`, or a missing file: the CLI says what is wrong
+    config = read_checkpoint(path).get("mlplab_config")
+    if config is None:
+        raise UserError(f"{path} carries no config (not written by `mlplab fit`); add --config")
+    return [args[0], "--config", config, *args[1:]]
+
+
 class MLPLabCLI(LightningCLI):
     """LightningCLI with shapes linked from data to model, MLflow as the logger, and a `fit`
-    that ends with the best checkpoint evaluated on the test split and logged as a model."""
+    that ends with the best checkpoint evaluated on the test split and logged as a model.
 
-    def __init__(self, args=None, run: bool = True) -> None:
+    Any LightningModule and LightningDataModule subclass is accepted by `class_path`."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
-            MLPTask,
-            ArrayDataModule,
+            LightningModule,
+            LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=MLflowSaveConfig,
             save_config_kwargs={"save_to_log_dir": False},
             auto_configure_optimizers=False,
             parser_class=_Parser,
-            parser_kwargs={
-                "description": "Train, evaluate and track MLPs. Also: mlplab sweep | baseline | "
-                "runs | export | reproduce | predict --model M --input X (each with --help)."
-            },
+            parser_kwargs={"description": DESCRIPTION},
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
             trainer_defaults={"default_root_dir": "mlruns"},
-            args=args,
+            args=with_checkpoint_config(sys.argv[1:] if args is None else args),
             run=run,
         )
 
@@ -113,51 +127,42 @@ class MLPLabCLI(LightningCLI):
             default=1,
             help="torch CPU threads; 1 suits small MLPs best (0 keeps torch's default)",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": MLPTask.monitor,
+                "checkpoint.monitor": "val/loss",
                 "checkpoint.filename": "best-{epoch}",
                 "checkpoint.save_last": True,
             }
         )
-        parser.link_arguments(
-            "data.num_features", "model.init_args.num_features", apply_on="instantiate"
-        )
-        # classification data has num_classes, regression data num_targets: jsonargparse skips the
-        # link whose source attribute the chosen datamodule lacks
-        for shape in ("num_classes", "num_targets"):
+        # Shapes flow from the data into the task, which builds its network with them. A link
+        # is skipped where the datamodule lacks its source (classification data has
+        # num_classes, regression data num_targets) or the model lacks its target.
+        for shape in ("num_features", "num_classes", "num_targets", "standardize"):
             parser.link_arguments(
                 f"data.{shape}", f"model.init_args.{shape}", apply_on="instantiate"
             )
-        parser.link_arguments(
-            "data.standardize", "model.init_args.standardize", apply_on="instantiate"
-        )
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning restores the model's settings from `--ckpt_path`'s hyperparameters; an
-        unreadable file, or one of another model, stops with one line instead of a dump."""
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path or not Path(path).is_file():
-            return
-        if "_class_path" not in read_checkpoint(path).get("hyper_parameters", {}):
-            return  # not written through the CLI: Lightning cannot parse it; the config rules
-        parsers = [self.parser, self.parser._subcommands_action._name_parser_map[subcommand]]
-        for parser in parsers:
-            parser.exit_on_error = False
+    def instantiate_classes(self) -> None:
+        """A class that cannot be built from its settings (a missing optional package, a value
+        its `__init__` refuses) is one line naming the class, not jsonargparse's nested dump."""
         try:
-            super()._parse_ckpt_path()
-        except ArgumentError as err:
-            lines = [line.strip() for line in str(err).splitlines()]
-            reason = next((line for line in lines if "not accepted" in line), lines[0])
-            raise UserError(
-                f"checkpoint {path} belongs to another model ({reason}); use it with the "
-                "config it was trained with"
-            ) from None
-        finally:
-            for parser in parsers:
-                parser.exit_on_error = True
+            super().instantiate_classes()
+        except ValueError as err:
+            chain = [err]
+            while chain[-1].__cause__ is not None:
+                chain.append(chain[-1].__cause__)
+            named = [str(e) for e in chain if "Problem with given class_path" in str(e)]
+            if not named or isinstance(chain[-1], UserError):
+                raise
+            class_path = named[-1].split("'")[1]
+            reason = str(chain[-1]).strip().splitlines()[0]
+            hint = (
+                "; install it (`pip install 'mlplab[tensorboard]'` for TensorBoardLogger)"
+                if isinstance(chain[-1], ImportError)
+                else ""
+            )
+            raise UserError(f"cannot build {class_path}: {reason}{hint}") from None
 
     @property
     def command_config(self):
@@ -172,16 +177,6 @@ class MLPLabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.command_config
         trainer = self._get(self.config_init, "trainer", default={})
-        unsupported = {  # checked before any MLflow run exists
-            "gradient_clip_val": (None, "remove it"),
-            "accumulate_grad_batches": (1, "remove it and raise data.batch_size instead"),
-        }
-        for key, (off, fix) in unsupported.items():
-            if trainer.get(key) not in (off, 0):
-                raise UserError(
-                    f"trainer.{key} does not apply: mlplab's tasks step the optimiser once per "
-                    f"batch themselves; {fix}"
-                )
         callbacks = [RunStatus()]
         if SLURMEnvironment.detect():
             if trainer.get("default_root_dir") == "mlruns":
@@ -192,6 +187,7 @@ class MLPLabCLI(LightningCLI):
                 callbacks.append(SLURMRequeue())
         trainer["callbacks"] = [*(trainer.get("callbacks") or []), *callbacks]
         experiment = config.get("experiment_name") or self.config_name()
+        config.experiment_name = experiment  # recorded, so a printed or saved config keeps it
         checkpoint = self.resolve_checkpoint(experiment) if self.subcommand else None
         wanted = trainer.get("logger")
         if self.subcommand == "predict":
@@ -200,7 +196,7 @@ class MLPLabCLI(LightningCLI):
         elif wanted is None or wanted is True:
             if rank_zero_only.rank == 0:
                 check_reachable(config.tracking_uri)
-            kwargs["logger"] = MLflowLogger(
+            kwargs["logger"] = MLflowRunLogger(
                 experiment_name=experiment,
                 run_name=config.run_name,
                 tracking_uri=config.tracking_uri,
@@ -250,22 +246,27 @@ class MLPLabCLI(LightningCLI):
 
     def config_name(self) -> str:
         """The first config file's stem (`configs/xor.yaml` -> `xor`), else the data's class."""
-        files = self.command_config.get("config") or []
+        files = [str(f) for f in self.command_config.get("config") or []]
+        files = [f for f in files if f.endswith((".yaml", ".yml", ".json"))]  # not YAML text
         if files:
-            return Path(str(files[0])).stem
+            return Path(files[0]).stem
         return type(self.datamodule).__name__.removesuffix("DataModule").lower()
 
     def after_fit(self) -> None:
-        trainer, datamodule = self.trainer, self.datamodule
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint is not None else ""
+        trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         metrics = dict(trainer.callback_metrics)  # the last epoch's, before testing replaces them
-        if self.config.fit.test_after_fit and "test" in getattr(datamodule, "splits", ()):
-            trainer.test(self.model, datamodule=datamodule, ckpt_path="best" if best else None)
+        testable = is_overridden("test_step", model, LightningModule) and is_overridden(
+            "test_dataloader", datamodule, LightningDataModule
+        )
+        if self.config.fit.test_after_fit and testable and "test" in getattr(
+            datamodule, "splits", ("test",)
+        ):
+            trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
             metrics.update(trainer.callback_metrics)
         elif best:
-            state = torch.load(best, map_location=self.model.device, weights_only=False)
-            self.model.load_state_dict(state["state_dict"])
+            state = torch.load(best, map_location=model.device, weights_only=False)
+            model.load_state_dict(state["state_dict"])
         if not trainer.is_global_zero:
             return
         print(
@@ -277,83 +278,10 @@ class MLPLabCLI(LightningCLI):
             )
         )
         logger = trainer.logger
-        if isinstance(logger, MLflowLogger):
-            uri = log_model(logger, self.model, datamodule.data["train"][0])
+        if isinstance(logger, MLflowRunLogger):
+            uri = log_model(logger, model, datamodule)
+            if uri is None:
+                return
             print(f"mlplab: run {logger.run_id} ({logger.name}), model {uri}")
             if self.config.fit.register_model:
-                register_model(uri, self.config.fit.register_model, logger._tracking_uri)
-
-
-def _quiet() -> None:
-    """Silence advice that does not apply to in-memory data and epoch-level logging."""
-    for message in (
-        r".*does not have many workers",  # batches are tensor slices: workers would only add IPC
-        r".*smaller than the logging interval",  # mlplab logs per epoch
-        r".*LeafSpec",  # a deprecation inside Lightning itself
-        r".*args parameter is intended",  # `mlplab reproduce` drives the CLI from Python
-    ):
-        warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("💡 Tip")
-    )
-
-
-def _leave_process_group() -> None:
-    """DDP ranks wait for rank zero (logging the model) and close the process group together:
-    a rank exiting with its gloo threads still running aborts ("terminate called without an
-    active exception"), seen here one run in a few."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def main(args: list[str] | None = None) -> None:
-    _quiet()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # an unreachable tracking server fails in seconds, not after MLflow's minutes of retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    argv = sys.argv[1:] if args is None else args
-    try:
-        if argv[:1] == ["reproduce"]:
-            from mlplab.reproduce import main as reproduce_main
-
-            reproduce_main(argv[1:])
-        elif argv[:1] == ["sweep"]:
-            from mlplab.sweep import main as sweep_main
-
-            sweep_main(argv[1:])
-        elif argv[:1] == ["baseline"]:
-            from mlplab.baseline import main as baseline_main
-
-            baseline_main(argv[1:])
-        elif argv[:1] == ["export"]:
-            from mlplab.export import main as export_main
-
-            export_main(argv[1:])
-        elif argv[:1] == ["runs"]:
-            from mlplab.runs import main as runs_main
-
-            runs_main(argv[1:])
-        elif argv[:1] == ["predict"] and "--input" in argv:
-            from mlplab.predict import main as predict_main
-
-            predict_main(argv[1:])
-        else:
-            MLPLabCLI(args=args)
-            _leave_process_group()
-    except UserError as err:  # Lightning has already marked a started run FAILED
-        print(f"mlplab: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except SIGTERMException:  # `RunStatus` has marked the run KILLED and said so
-        sys.exit(128 + signal.SIGTERM)
-    except KeyboardInterrupt:  # outside training (Lightning handles it inside)
-        print("mlplab: interrupted", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
-
-
-if __name__ == "__main__":
-    main()
+                register_model(uri, self.config.fit.register_model, logger.tracking_uri)

@@ -24,11 +24,11 @@ def export_onnx(checkpoint: str, output: Path, tolerance: float = 1e-5) -> float
         import onnxruntime
     except ImportError:
         raise UserError("ONNX export needs the onnx extra: pip install 'mlplab[onnx]'") from None
-    from mlplab.models.tasks import MLPTask
+    from mlplab.models.tasks import Task
     from mlplab.predict import load_predictor
 
     load_predictor(checkpoint)  # the one-line errors for a missing or foreign file
-    task = MLPTask.from_checkpoint(checkpoint)
+    task = Task.from_checkpoint(checkpoint)
     module = task.inference_module()
     width = task.hparams.num_features
     batch = torch.export.Dim("batch")

@@ -11,15 +11,15 @@ import math
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from mlplab.tracking import MLflowLogger
+from mlplab.tracking import MLflowRunLogger
 
 
-def _mlflow(trainer: Trainer) -> MLflowLogger | None:
+def _mlflow(trainer: Trainer) -> MLflowRunLogger | None:
     logger = trainer.logger
-    return logger if isinstance(logger, MLflowLogger) and trainer.is_global_zero else None
+    return logger if isinstance(logger, MLflowRunLogger) and trainer.is_global_zero else None
 
 
-def _log(logger: MLflowLogger, figure, name: str) -> None:
+def _log(logger: MLflowRunLogger, figure, name: str) -> None:
     logger.experiment.log_figure(logger.run_id, figure, f"figures/{name}.png")
 
 
@@ -54,7 +54,9 @@ class SampleImages(Callback):
 
 
 class LearningCurves(Callback):
-    """Train and validation curves per epoch, one panel per metric, read back from the run."""
+    """Train and validation curves, one panel per metric, read back from the run. Metrics are
+    logged at the optimiser step; the x-axis is in epochs (the end of the first epoch's step
+    count is one epoch), so validations within an epoch fall between its ticks."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _mlflow(trainer)
@@ -69,6 +71,8 @@ class LearningCurves(Callback):
         panels = sorted({k.split("/", 1)[1] for k in keys})
         if not panels:
             return
+        first = client.get_metric_history(run_id, f"train/{panels[0]}")
+        steps_per_epoch = (first[0].step or 1) if first else 1
         figure = Figure(figsize=(5 * len(panels), 3.8), layout="constrained")
         for ax, metric in zip(
             figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
@@ -76,8 +80,8 @@ class LearningCurves(Callback):
             for stage in ("train", "val"):
                 history = client.get_metric_history(run_id, f"{stage}/{metric}")
                 if history:
-                    steps = [m.step + 1 for m in history]
-                    ax.plot(steps, [m.value for m in history], marker=".", label=stage)
+                    epochs = [m.step / steps_per_epoch for m in history]
+                    ax.plot(epochs, [m.value for m in history], marker=".", label=stage)
             ax.set(xlabel="epoch", ylabel=metric, title=metric)
             ax.grid(alpha=0.3)
             ax.legend()

@@ -103,10 +103,10 @@ def load_predictor(ref: str) -> tuple[Callable[[np.ndarray], np.ndarray], int | 
     if ref.endswith(".ckpt") or Path(ref).is_file():
         if not Path(ref).is_file():
             raise UserError(f"checkpoint {ref} does not exist")
-        from mlplab.models.tasks import MLPTask
+        from mlplab.models.tasks import Task
 
         try:
-            task = MLPTask.from_checkpoint(ref)
+            task = Task.from_checkpoint(ref)
         except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
             raise UserError(
                 f"{ref} is not an mlplab checkpoint ({type(err).__name__}: {err})"
@@ -121,7 +121,7 @@ def load_predictor(ref: str) -> tuple[Callable[[np.ndarray], np.ndarray], int | 
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    from mlplab.tracking import resolve_tracking_uri
+    from mlplab.store import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri())
     try:

@@ -1,6 +1,6 @@
 """Which checkpoint a `fit` resumes from, and so which MLflow run it continues.
 
-The run id travels in every checkpoint (`MLPTask.on_save_checkpoint`); the logger must know it
+The run id travels in every checkpoint (`Task.on_save_checkpoint`); the logger must know it
 before Lightning opens the run, that is before the checkpoint is restored, so it is resolved here.
 """
 
@@ -42,7 +42,7 @@ def _read_checkpoint(path: str, modified: int | None) -> dict:
 
 
 def run_id_in_checkpoint(path: str | Path) -> str | None:
-    """The MLflow run a checkpoint was written by (`MLPTask.on_save_checkpoint` records it)."""
+    """The MLflow run a checkpoint was written by (`Task.on_save_checkpoint` records it)."""
     return read_checkpoint(path).get("mlflow_run_id")
 
 

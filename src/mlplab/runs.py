@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from mlplab.errors import UserError
-from mlplab.tracking import resolve_tracking_uri
+from mlplab.store import resolve_tracking_uri
 
 _LOWER_IS_BETTER = ("loss", "mae", "rmse", "error")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from mlplab.errors import UserError
-from mlplab.tracking import ensure_experiment, local_store_root, resolve_tracking_uri, store_lock
+from mlplab.store import ensure_experiment, local_store_root, resolve_tracking_uri, store_lock
 
 POINT_TAG = "mlplab.sweep.point"
 KEY_TAG = "mlplab.sweep.key"

@@ -1,15 +1,11 @@
-"""MLflow tracking: where the store is, how runs are laid out, what each run records."""
+"""MLflow tracking: the run logger, what each run records (config, params, status, model)."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import re
+import copy
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -18,87 +14,23 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """An explicit URI, else `MLFLOW_TRACKING_URI`, else the project's SQLite store."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def local_store_root(uri: str) -> Path | None:
-    """The folder that holds a local store's database and run folders; None for a server."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        # sqlite:///relative/path.db and sqlite:////absolute/path.db
-        path = uri[len("sqlite:///") :]
-        return Path(unquote(path)).parent if path and path != ":memory:" else None
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path))
-    return None
-
-
-def _folder_name(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "default"
-
-
-def check_writable(root: Path) -> None:
-    """A local store must be writable; say so before SQLite does it with a traceback."""
-    from mlplab.errors import UserError
-
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"cannot create the MLflow store folder {root} ({err.strerror}); "
-            "choose a writable place with --tracking_uri or MLFLOW_TRACKING_URI"
-        ) from None
-    database = root / "mlflow.db"
-    if not os.access(root, os.W_OK) or (database.exists() and not os.access(database, os.W_OK)):
-        raise UserError(
-            f"the MLflow store in {root} is not writable; fix its permissions or choose "
-            "another store with --tracking_uri or MLFLOW_TRACKING_URI"
-        )
-
-
-def check_reachable(tracking_uri: str | None) -> None:
-    """A tracking server must answer now, not after minutes of retries (the CLI caps MLflow's
-    HTTP retries and timeout; see `mlplab.cli.main`)."""
-    from mlplab.errors import UserError
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if urlparse(uri).scheme not in ("http", "https"):
-        return
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as err:  # connection refused, DNS, timeout, HTTP errors: all say the same
-        reason = str(err).splitlines()[0][:200]
-        raise UserError(
-            f"the MLflow tracking server {uri} does not answer ({reason}); start it, or unset "
-            "MLFLOW_TRACKING_URI to use the local store"
-        ) from None
-
-
-def ensure_experiment(client, name: str, tracking_uri: str) -> str:
-    """The experiment's id, creating it laid out as `MLflowLogger` lays out a local store
-    (`<store>/<experiment>/`), whoever creates it first (fit, sweep or baseline)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    root = local_store_root(tracking_uri)
-    location = experiment_dir(name, tracking_uri).resolve().as_uri() if root else None
-    return client.create_experiment(name, artifact_location=location)
+from mlplab.store import (
+    check_writable,
+    experiment_dir,
+    folder_name,
+    local_store_root,
+    resolve_tracking_uri,
+    store_lock,
+)
 
 
 class RunStatus(Callback):
-    """Why a run ended early, for `MLflowLogger.finalize`: Ctrl-C and SIGTERM mark it KILLED,
+    """Why a run ended early, for `MLflowRunLogger.finalize`: Ctrl-C and SIGTERM mark it KILLED,
     an error FAILED with its message as the `mlplab.failure` tag."""
 
     def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
         logger = trainer.logger
-        if not isinstance(logger, MLflowLogger):
+        if not isinstance(logger, MLflowRunLogger):
             return
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             logger.failure = ("KILLED", f"interrupted ({type(exception).__name__})")
@@ -112,35 +44,13 @@ class RunStatus(Callback):
             logger.failure = ("FAILED", f"{type(exception).__name__}: {exception}")
 
 
-def experiment_dir(experiment_name: str, tracking_uri: str | None = None) -> Path:
-    """Where the runs of an experiment keep their checkpoints: `<store>/<experiment>/`."""
-    root = local_store_root(resolve_tracking_uri(tracking_uri))
-    return (root if root is not None else Path("mlruns")) / _folder_name(experiment_name)
-
-
-@contextlib.contextmanager
-def store_lock(root: Path | None):
-    """Serialise opening a local store: the first client creates the SQLite tables, and
-    processes starting together (DDP ranks, parallel runs) must not all try at once."""
-    if root is None:
-        yield
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".mlplab.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-class MLflowLogger(MLFlowLogger):
-    """Lightning's MLflow logger, with a store laid out for people and epochs on the x-axis.
+class MLflowRunLogger(MLFlowLogger):
+    """Lightning's MLflow logger, with a store laid out for people and one write per epoch.
 
     A local store keeps each run in `<store>/<experiment>/<run_id>/`: `artifacts/` (config,
     figures, the model) and `checkpoints/` (Lightning's `ModelCheckpoint` finds that folder
-    through `save_dir`/`name`/`version`). Metrics are logged with the epoch as their step, so
-    runs with different batch sizes compare on one axis.
+    through `save_dir`/`name`/`version`). Metrics are logged at the global step (optimiser
+    steps), with `epoch` beside them.
     """
 
     def __init__(
@@ -166,6 +76,9 @@ class MLflowLogger(MLFlowLogger):
                 artifact_location=artifact_location,
                 run_id=run_id,
             )
+        self.tracking_uri = uri
+        self.folder = folder_name(experiment_name)
+        self.opened = False  # whether the run exists: `experiment` was touched
         self.store_root = root if root is not None else Path("mlruns")
         self.resumed = run_id is not None
         self.failure: tuple[str, str] | None = None  # (status, reason), set by `RunStatus`
@@ -176,16 +89,17 @@ class MLflowLogger(MLFlowLogger):
     @rank_zero_experiment
     def experiment(self):
         """The client; a resumed run is set back to RUNNING when first touched."""
-        reopening = self.resumed and not self._initialized
         client = super().experiment
-        if reopening:
-            client.update_run(self._run_id, status="RUNNING")
+        if not self.opened:
+            self.opened = True
+            if self.resumed:
+                client.update_run(self.run_id, status="RUNNING")
         return client
 
     def finalize(self, status: str = "success") -> None:
         """As Lightning's, but an interrupted run ends KILLED and a failed one says why."""
         reason = None
-        if status == "failed" and self.failure is not None and self._initialized:
+        if status == "failed" and self.failure is not None and self.opened:
             status, reason = self.failure
         try:
             self._finalize(status, reason)
@@ -211,15 +125,12 @@ class MLflowLogger(MLFlowLogger):
 
     @property
     def name(self) -> str:
-        return _folder_name(self._experiment_name)
+        return self.folder
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One write per epoch: an epoch's validation metrics wait for its training metrics,
         which Lightning logs last (a write to SQLite costs ~8 ms here, whatever its size).
         Anything still waiting is written when the step changes and in `finalize`."""
-        metrics = dict(metrics)
-        epoch = metrics.pop("epoch", None)
-        step = int(epoch) if epoch is not None else step
         if self._pending and step != self._pending_step:
             self.flush()
         self._pending.update(metrics)
@@ -254,11 +165,25 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class MLflowSaveConfig(SaveConfigCallback):
     """Record the resolved config in the MLflow run: `config.yaml` as an artifact and every value
-    as a flattened param (Lightning's own callback writes to a `log_dir` MLflow has not got)."""
+    as a flattened param (Lightning's own callback writes to a `log_dir` MLflow has not got).
+
+    A fit logs its params in `on_fit_start`, after Lightning's `BatchSizeFinder` and
+    `LearningRateFinder` (which Lightning calls first) have run, so `data.batch_size` and
+    `model.lr` are the values trained with. Every checkpoint carries the config, so
+    `mlplab test --ckpt_path X` needs no other.
+    """
+
+    params: dict[str, Any] | None = None
+    dumped: str | None = None  # the config as YAML, made once (jsonargparse takes ~0.1 s)
+
+    def config_text(self) -> str:
+        if self.dumped is None:
+            self.dumped = self.parser.dump(self.config, skip_none=False)
+        return self.dumped
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         logger = trainer.logger
-        if not isinstance(logger, MLflowLogger):
+        if not isinstance(logger, MLflowRunLogger):
             return
         client, run_id = logger.experiment, logger.run_id
         config = self.config.clone()
@@ -277,40 +202,72 @@ class MLflowSaveConfig(SaveConfigCallback):
             artifacts = {f.path for f in client.list_artifacts(run_id)}
             name = next(f"config-resume-{i}.yaml" for i in range(1, 10**6)
                         if f"config-resume-{i}.yaml" not in artifacts)  # fmt: skip
-        client.log_text(run_id, self.parser.dump(self.config), name)
-        logger.log_hyperparams(params)
+        client.log_text(run_id, self.config_text(), name)
+        self.params = params
+        if stage != "fit":
+            self.log_params(trainer, pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module) -> None:
+        self.log_params(trainer, pl_module)
+
+    def log_params(self, trainer: Trainer, pl_module) -> None:
+        if self.params is None:
+            return
+        used = {
+            "data.batch_size": getattr(trainer.datamodule, "batch_size", None),
+            "model.lr": pl_module.hparams.get("lr"),
+        }
+        tuned = [k for k, v in used.items() if k in self.params and v != self.params[k]]
+        self.params.update({k: used[k] for k in tuned})
+        logger = trainer.logger
+        if tuned:  # a tuner callback changed them; the config has the values it started from
+            logger.experiment.set_tag(logger.run_id, "mlplab.tuned", ",".join(tuned))
+        logger.log_hyperparams(self.params)
+        self.params = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["mlplab_config"] = self.config_text()
 
 
-def run_exists(tracking_uri: str | None, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve_tracking_uri(tracking_uri)
-    with store_lock(local_store_root(uri)):
-        client = MlflowClient(uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return False
-    return True
+def input_example(datamodule, rows: int = 5) -> torch.Tensor:
+    """A few raw training inputs: the logged model's example and the source of its signature."""
+    data = getattr(datamodule, "data", None)
+    if isinstance(data, dict) and "train" in data:
+        return data["train"][0][:rows]
+    batch = next(iter(datamodule.train_dataloader()))
+    return (batch[0] if isinstance(batch, list | tuple) else batch)[:rows]
 
 
-def log_model(logger: MLflowLogger, module, input_example: torch.Tensor) -> str:
-    """Log `module.inference_module()` as an MLflow PyTorch model with signature and example.
+def log_model(logger: MLflowRunLogger, module, datamodule) -> str | None:
+    """Log the module as an MLflow PyTorch model with signature and input example: its
+    `inference_module()` if it has one (raw inputs in, the task's outputs out), else itself.
 
-    Returns the model URI (`runs:/<run_id>/model`) that `mlflow.pyfunc.load_model` accepts.
+    Returns the model URI (`runs:/<run_id>/model`) that `mlflow.pyfunc.load_model` accepts, or
+    None, having said why, when the module cannot predict on its own training inputs.
     """
     import mlflow
     import mlflow.pytorch
-    import numpy as np
     from mlflow.models import infer_signature
 
-    inference = module.inference_module()
-    example = input_example[:5].flatten(1).cpu().numpy().astype(np.float32)
-    with torch.no_grad():
-        output = inference(torch.from_numpy(example)).numpy()
+    if hasattr(module, "inference_module"):
+        inference = module.inference_module()
+    else:
+        inference = copy.deepcopy(module).cpu().eval()
+    example = input_example(datamodule).cpu().float()
+    try:
+        with torch.no_grad():
+            output = inference(example)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported
+        print(
+            f"mlplab: the model was not logged: {type(module).__name__}(x) fails on 5 training "
+            f"inputs ({type(err).__name__}: {str(err).splitlines()[0][:120]}); give the module "
+            "a forward or an inference_module() that takes its raw inputs",
+            file=sys.stderr,
+        )
+        return None
+    example, output = example.numpy(), torch.as_tensor(output).numpy()
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    mlflow.set_tracking_uri(logger._tracking_uri)
+    mlflow.set_tracking_uri(logger.tracking_uri)
     with mlflow.start_run(run_id=logger.run_id):
         mlflow.pytorch.log_model(
             inference,

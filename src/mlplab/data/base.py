@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mlplab.errors import UserError
@@ -72,13 +73,13 @@ class ArrayDataModule(LightningDataModule):
 
     `batch_size` is the optimisation batch of one device (0: the whole split); under DDP each
     step sees `batch_size * world_size` samples, unless `global_batch` splits `batch_size` over
-    the devices so a config trains with the same batch on any device count. Training batches
-    reach the task
-    `chunk` at a time, drawn from one shuffled order, so the optimiser sees exactly the batches a
-    plain loader of `batch_size` gives while Lightning's per-step overhead is paid once per
-    chunk; evaluation uses batches of `batch_size * chunk` (the same metrics, sooner).
-    `on_device` keeps the tensors on the accelerator (no copy per batch); otherwise CUDA
-    batches come from pinned memory.
+    the devices so a config trains with the same batch on any device count. `chunk` above 1 is
+    the fast path (`mlplab.fast_path`): training batches reach the task `chunk` at a time, drawn
+    from one shuffled order, so the optimiser sees exactly the batches a plain loader of
+    `batch_size` gives while Lightning's per-step overhead is paid once per chunk; evaluation
+    then uses batches of `batch_size * chunk` (the same metrics, sooner). `on_device` keeps the
+    tensors on the accelerator (no copy per batch); otherwise CUDA batches come from pinned
+    memory.
     """
 
     num_features: int
@@ -88,7 +89,7 @@ class ArrayDataModule(LightningDataModule):
         self,
         batch_size: int = 32,
         standardize: bool = False,
-        chunk: int = 32,
+        chunk: int = 1,
         on_device: bool = False,
         global_batch: bool = False,
     ) -> None:
@@ -101,6 +102,7 @@ class ArrayDataModule(LightningDataModule):
         self.chunk = chunk
         self.on_device = on_device
         self.global_batch = global_batch
+        self.chunked = False  # decided per fit in `setup`
         self.data: dict[str, Split] = {}
 
     def load_splits(self) -> dict[str, Split]:
@@ -113,6 +115,19 @@ class ArrayDataModule(LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         if self.on_device and device is not None:
             self.data = {k: (x.to(device), y.to(device)) for k, (x, y) in self.data.items()}
+        if self.trainer is not None:
+            self.chunked = self.chunk > 1 and not self.fast_path_blocked()
+
+    def fast_path_blocked(self) -> bool:
+        from mlplab.fast_path import blockers
+
+        found = blockers(self.trainer, self.trainer.lightning_module)
+        if found:
+            rank_zero_info(
+                f"mlplab: data.chunk {self.chunk} is off for this run ({', '.join(found)} "
+                "needs single batches): one batch per Lightning step"
+            )
+        return bool(found)
 
     def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-feature mean and std of the training split (std of constant features set to 1)."""
@@ -121,7 +136,9 @@ class ArrayDataModule(LightningDataModule):
         std = x.std(dim=0)
         return x.mean(dim=0), torch.where(std > 0, std, torch.ones_like(std))
 
-    def loader(self, split: str, shuffle: bool = False, chunked: bool = False) -> DataLoader:
+    def loader(self, split: str, train: bool = False) -> DataLoader:
+        """Batches of `split`: shuffled for training; on the fast path, `chunk` batches at once
+        (for training as a tuple of batches); under DDP, evaluation sharded without padding."""
         if split not in self.data:
             raise ValueError(
                 f"{type(self).__name__} has no {split!r} split (it has: {', '.join(self.splits)})"
@@ -130,15 +147,16 @@ class ArrayDataModule(LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         whole = self.batch_size <= 0 or self.batch_size >= len(x)
         batch_size = max(len(x), 1) if whole else self.device_batch_size(world)
+        chunked = train and self.chunked
         dataset = TensorPairDataset(x, y, split_size=batch_size if chunked else None)
         cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         sampler = None
-        if world > 1 and not shuffle:  # training gets Lightning's DistributedSampler
+        if world > 1 and not train:  # training gets Lightning's DistributedSampler
             sampler = ShardSampler(dataset, num_replicas=world, rank=self.trainer.global_rank)
         return DataLoader(
             dataset,
-            batch_size=batch_size if whole else batch_size * self.chunk,
-            shuffle=shuffle,
+            batch_size=batch_size * self.chunk if self.chunked and not whole else batch_size,
+            shuffle=train,
             sampler=sampler,
             collate_fn=_batch_as_is,
             pin_memory=cuda and x.device.type == "cpu",
@@ -155,7 +173,7 @@ class ArrayDataModule(LightningDataModule):
         return self.batch_size // world_size
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True, chunked=True)
+        return self.loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val")
@@ -165,3 +183,10 @@ class ArrayDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("test" if "test" in self.splits else "val")
+
+
+def batch_size(batch) -> int:
+    """How many samples a batch holds, a chunk of batches included: the `batch_size_fn` for
+    Lightning's `ThroughputMonitor` (`mlplab.data.base.batch_size`)."""
+    x = batch[0]
+    return sum(len(b) for b in x) if isinstance(x, tuple) else len(x)

@@ -1,4 +1,4 @@
 from mlplab.models.mlp import MLP, count_parameters
-from mlplab.models.tasks import Classifier, MLPTask, Regressor
+from mlplab.models.tasks import Classifier, Regressor, Task
 
-__all__ = ["MLP", "Classifier", "MLPTask", "Regressor", "count_parameters"]
+__all__ = ["MLP", "Classifier", "Regressor", "Task", "count_parameters"]

@@ -1,53 +1,45 @@
-"""Task LightningModules: each owns a loss, its metrics and the optimizer around one `MLP`."""
+"""Task LightningModules: each takes a network and owns its loss, metrics and optimisation.
+
+The network is any `nn.Module` class whose first two arguments are `in_features` and
+`out_features` (`MLP` in every seed config, another by `class_path`). The task builds it with
+the widths the data and the task call for (the CLI links `num_features` and `num_classes` /
+`num_targets` from the datamodule), so no config writes a shape.
+"""
 
 from __future__ import annotations
 
 import copy
+import importlib
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
 import torchmetrics
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from mlplab.errors import TrainingDiverged
-from mlplab.models.mlp import MLP
+from mlplab.errors import TrainingDiverged, UserError
 
 # An optimizer class and its settings; the parameters and `lr` are given at construction, so the
-# config has one learning rate (`model.lr`) that survives a change of optimizer.
+# config has one learning rate (`model.lr`) that survives a change of optimizer and that
+# Lightning's `LearningRateFinder` can set.
 OptimizerFactory = Callable[[Iterable, float], torch.optim.Optimizer]
-
-
-# What Lightning's `manual_backward` and `LightningOptimizer.step` add around a plain
-# `loss.backward(); optimizer.step()` on one device in 32-bit: these hooks, on every callback.
-_STEP_HOOKS = ("on_before_backward", "backward", "on_after_backward", "on_before_optimizer_step")
-
-
-def direct_steps_are_safe(trainer: Trainer, module: LightningModule) -> bool:
-    """Whether the optimiser may be stepped without Lightning's wrappers, changing nothing but
-    speed: one process (no DDP reducer to prepare), 32-bit precision (no scaler), no profiler,
-    and no callback or module hook listening to the backward pass or the step."""
-    listeners = [(module, LightningModule)] + [(cb, Callback) for cb in trainer.callbacks]
-    return (
-        type(trainer.strategy) is SingleDeviceStrategy
-        and type(trainer.precision_plugin) is Precision
-        and isinstance(trainer.profiler, PassThroughProfiler)
-        and not any(is_overridden(h, obj, parent) for obj, parent in listeners for h in _STEP_HOOKS)
-    )
+# A network class and its settings, built with (in_features, out_features): in YAML a
+# `class_path` and `init_args` like any other, its widths left out.
+NetFactory = Callable[[int, int], nn.Module]
 
 
 class Standardize(nn.Module):
-    """(x - mean) / std with statistics of the training split, set by `MLPTask.setup`.
+    """(x - mean) / std with statistics of the training split, set by `Task.setup`.
 
     Living in the model, the statistics travel in every checkpoint and logged model, so
-    predictions take raw features.
+    predictions take raw features. The input keeps its shape (images stay images).
     """
 
     def __init__(self, num_features: int) -> None:
@@ -56,7 +48,7 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.flatten(1) - self.mean) / self.std
+        return ((x.flatten(1) - self.mean) / self.std).view_as(x)
 
 
 class _Unchecked:
@@ -77,11 +69,14 @@ class EpochCount(_Unchecked, torchmetrics.SumMetric):
     """How many samples an epoch's metrics cover, summed over DDP ranks."""
 
 
-class MLPTask(LightningModule):
-    """Shared training system: subclasses choose the head, loss and metrics.
+class Task(LightningModule):
+    """Supervised training around `net`: subclasses choose the output unit, loss and metrics.
 
-    `num_features` (and the subclass's `num_classes` / `num_targets`) and `standardize` are linked
-    from the datamodule by the CLI; the rest is the architecture and the optimisation.
+    Training is Lightning's automatic optimisation: `training_step` returns the loss. With an
+    mlplab datamodule's `chunk` above 1 (the seed configs' fast path) each training batch holds
+    several batches and `training_step` steps the optimiser once per batch itself, honouring
+    the Trainer's `max_steps`, `accumulate_grad_batches` and gradient clipping, and the
+    scheduler's interval and frequency, so steps stay optimiser steps (see `mlplab.fast_path`).
     """
 
     #: the metric `ModelCheckpoint` watches and `fit` reports the best of.
@@ -89,27 +84,37 @@ class MLPTask(LightningModule):
 
     def __init__(
         self,
+        net: NetFactory,
         num_features: int,
         num_outputs: int,
         lr: float = 1e-3,
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_frequency: int = 1,
+        lr_scheduler_monitor: str = "val/loss",
         standardize: bool = False,
-        **net_options,
     ) -> None:
-        """`net_options` are `MLP`'s: `hidden_sizes`, `activation`, `batch_norm`, `dropout`, `init`
-        and the rest (the CLI lists them with their types, e.g. `--model.hidden_sizes`)."""
+        """`net` is called with (num_features, num_outputs) to build the network (an
+        `nn.Module` already built is taken as it is); `standardize` puts the training split's
+        per-feature mean and std in front of it, so the model takes raw inputs."""
         super().__init__()
         # num_outputs follows from a subclass's own argument, so it is not a hyperparameter
-        self.save_hyperparameters(ignore=["num_outputs", "optimizer", "lr_scheduler"], logger=False)
+        with warnings.catch_warnings():  # a net built in Python is dropped just below
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters(ignore=["num_outputs"], logger=False)
+        if isinstance(net, nn.Module):
+            # built in Python, not from a config: its weights are in the state dict; pass
+            # `net=` to `load_from_checkpoint` (from the CLI, `net` is its config and rebuilds)
+            self.hparams.pop("net", None)
+            self.net = net
+        else:
+            self.net = net(num_features, num_outputs)
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.input_norm = Standardize(num_features) if standardize else nn.Identity()
-        self.mlp = MLP(num_features, num_outputs, **net_options)
-        # Training batches arrive in chunks of several (see `ArrayDataModule.chunk`) and are
-        # stepped through in `training_step`: Lightning's per-step overhead is paid per chunk.
-        self.automatic_optimization = False
-        self.direct_steps = False  # decided in `on_train_start`
         # one collection per stage (a ModuleDict cannot have a key named "train")
         self.train_metrics = self.make_metrics().clone(prefix="train/")
         self.val_metrics = self.make_metrics().clone(prefix="val/")
@@ -119,6 +124,8 @@ class MLPTask(LightningModule):
         # count (Lightning-AI/pytorch-lightning#21838).
         self.train_loss, self.val_loss, self.test_loss = EpochMean(), EpochMean(), EpochMean()
         self.val_samples, self.test_samples = EpochCount(), EpochCount()
+        self.batches_seen = 0  # fast path: batches of this epoch, for gradient accumulation
+        self.backward_fn = self.manual_backward  # fast path: see `on_train_start`
 
     # --- what a task defines -------------------------------------------------------------------
     output: nn.Module  # logits -> the seed's output unit (probabilities or values)
@@ -133,70 +140,51 @@ class MLPTask(LightningModule):
         """What the metrics' `update` takes for this batch."""
         raise NotImplementedError
 
-    # --- shared machinery ----------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and self.hparams.standardize and datamodule is not None:
-            mean, std = datamodule.feature_stats()
-            self.input_norm.mean.copy_(mean)
-            self.input_norm.std.copy_(std)
-
+    # --- one step for every stage --------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape (batch, num_outputs)."""
-        return self.mlp(self.input_norm(x))
+        """Logits, shape (batch, outputs)."""
+        return self.net(self.input_norm(x))
 
-    def _update(self, stage: str, outputs: torch.Tensor, y: torch.Tensor, loss: torch.Tensor):
+    def shared_step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.update_metrics(stage, logits.detach(), y, loss.detach())
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        if not self.automatic_optimization:
+            return self.chunk_step(batch, batch_idx)
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.shared_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self.output(self(x))
+
+    def update_metrics(self, stage: str, logits: torch.Tensor, y: torch.Tensor, loss) -> None:
         """Accumulate an epoch's metrics on the device: no host sync, no `self.log` per step
-        (Lightning's costs ~1 ms a call here); `_log_epoch` logs them once."""
-        getattr(self, f"{stage}_metrics").update(*self.metric_inputs(outputs, y))
+        (Lightning's costs ~1 ms a call here); `log_epoch` logs them once."""
+        getattr(self, f"{stage}_metrics").update(*self.metric_inputs(logits, y))
         getattr(self, f"{stage}_loss").update(loss, weight=len(y))
         if stage != "train":  # every sample evaluated once, summed over ranks
             getattr(self, f"{stage}_samples").update(len(y))
 
-    def _log_epoch(self, stage: str) -> None:
-        """Log a stage's metric objects: torchmetrics reduces their states over DDP ranks in
-        `compute`, and Lightning resets them for the next epoch."""
+    def log_epoch(self, stage: str) -> None:
+        """Log a stage's metric objects (torchmetrics reduces them over DDP ranks, Lightning
+        resets them) at the global step, so that every validation of an epoch is its own
+        point and runs compare on one axis of optimiser steps."""
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         self.log_dict(getattr(self, f"{stage}_metrics"))
         if stage != "train":
             self.log(f"{stage}/samples", getattr(self, f"{stage}_samples"))
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
-        x, y = batch
-        logits = self(x)
-        self._update(stage, logits, y, self.loss(logits, y))
-
-    def training_step(self, batch, batch_idx) -> None:
-        """One optimiser step per batch of the chunk: `batch` is (xs, ys), tuples of batches (or
-        a plain (x, y) batch, stepped once)."""
-        xs, ys = batch
-        if isinstance(xs, torch.Tensor):
-            xs, ys = (xs,), (ys,)
-        optimizer = self.optimizers()
-        losses, outputs = [], []
-        for x, y in zip(xs, ys, strict=True):
-            logits = self(x)
-            loss = self.loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            if self.direct_steps:
-                loss.backward()
-                optimizer.optimizer.step()
-            else:
-                self.manual_backward(loss)
-                optimizer.step()
-            losses.append(loss.detach())
-            outputs.append(logits.detach())
-        if self.direct_steps:  # what `LightningOptimizer.step` counts: the global step
-            self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(
-                len(xs)
-            )
-        y = torch.cat(ys)
-        sizes = torch.tensor([len(x) for x in xs], dtype=torch.float32, device=y.device)
-        self._update("train", torch.cat(outputs), y, torch.stack(losses) @ sizes / len(y))
-
-    def on_train_start(self) -> None:
-        # Lightning's wrappers cost ~0.4 ms a step here, as much as the MNIST seed MLP's maths
-        self.direct_steps = direct_steps_are_safe(self.trainer, self)
+        self.log("epoch", float(self.current_epoch))
+        self.log("step", float(self.global_step))  # Lightning's logger connector takes it as x
 
     def on_train_epoch_end(self) -> None:
         loss = self.train_loss.compute()  # the same on every DDP rank: all stop together
@@ -205,62 +193,148 @@ class MLPTask(LightningModule):
                 f"training diverged: train/loss is {loss.item()} in epoch {self.current_epoch} "
                 f"(model.lr is {self.hparams.lr}: lower it, or standardize the inputs)"
             )
-        self._log_epoch("train")
-        scheduler = self.lr_schedulers()  # stepped per epoch, after validation
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(self.trainer.callback_metrics[self.monitor])
-        elif scheduler is not None:
-            scheduler.step()
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+        self.log_epoch("train")
+        if not self.automatic_optimization:
+            self.step_schedulers("epoch")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
+        self.log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        self.log_epoch("test")
 
-    def predict_step(self, batch, batch_idx):
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self.output(self(x))
+    # --- optimisation --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage != "fit" or datamodule is None:
+            return
+        if self.hparams.standardize:
+            mean, std = datamodule.feature_stats()
+            self.input_norm.mean.copy_(mean)
+            self.input_norm.std.copy_(std)
+        # the datamodule decided in its own `setup` (it runs first) whether batches come chunked
+        self.automatic_optimization = not getattr(datamodule, "chunked", False)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters(), self.hparams.lr)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        if not self.automatic_optimization:  # `chunk_step` steps it by these settings
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.lr_scheduler_interval,
+                "frequency": self.hparams.lr_scheduler_frequency,
+                "monitor": self.hparams.lr_scheduler_monitor,
+            },
+        }
 
+    def on_train_epoch_start(self) -> None:
+        self.batches_seen = 0
+
+    def chunk_step(self, batch, batch_idx: int) -> None:
+        """The fast path: `batch` is (xs, ys), tuples of consecutive batches; each is one
+        micro-step through Lightning's own calls (`LightningOptimizer.step`,
+        `configure_gradient_clipping`, `manual_backward` where a strategy or precision plugin
+        has work to do in the backward pass), so the global step counts optimiser steps."""
+        xs, ys = batch
+        trainer = self.trainer
+        optimizer = self.optimizers()
+        accumulate = trainer.accumulate_grad_batches
+        clip = trainer.gradient_clip_val or is_overridden(
+            "configure_gradient_clipping", self, LightningModule
+        )
+        step_scheduler = self.hparams.lr_scheduler_interval == "step" and self.lr_schedulers()
+        steps_left = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1
+        last = len(xs) - 1 if batch_idx + 1 >= trainer.num_training_batches else -1
+        losses, outputs, used = [], [], 0
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            if steps_left == 0:
+                break  # max_steps lands inside this chunk: stop exactly there
+            logits = self(x)
+            loss = self.loss(logits, y)
+            self.backward_fn(loss / accumulate if accumulate > 1 else loss)
+            self.batches_seen += 1
+            used += 1
+            losses.append(loss.detach())
+            outputs.append(logits.detach())
+            if self.batches_seen % accumulate and i != last:
+                continue  # as in Lightning, the epoch's last batch steps whatever is left
+            if clip:
+                self.configure_gradient_clipping(
+                    optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps_left -= 1
+            if step_scheduler:
+                self.step_schedulers("step")
+        if used:
+            y = torch.cat(ys[:used])
+            sizes = torch.tensor([len(x) for x in xs[:used]], dtype=torch.float32, device=y.device)
+            mean = torch.stack(losses) @ sizes / len(y)
+            self.update_metrics("train", torch.cat(outputs), y, mean)
+
+    def on_train_start(self) -> None:
+        # Lightning's `manual_backward` runs the backward hooks (the fast path runs only where
+        # no callback has one) and the strategy's and precision plugin's work; with neither
+        # (one device, 32-bit) a plain `backward()` is the same and saves ~0.1 ms a step.
+        trainer = self.trainer
+        plain = (
+            type(trainer.strategy) is SingleDeviceStrategy
+            and type(trainer.precision_plugin) is Precision
+            and not any(
+                is_overridden(hook, self, LightningModule)
+                for hook in ("on_before_backward", "backward", "on_after_backward")
+            )
+        )
+        self.backward_fn = torch.Tensor.backward if plain else self.manual_backward
+
+    def step_schedulers(self, interval: str) -> None:
+        """Fast path: step the scheduler as Lightning would with this interval and frequency."""
+        scheduler = self.lr_schedulers()
+        if scheduler is None or interval != self.hparams.lr_scheduler_interval:
+            return
+        count = self.global_step if interval == "step" else self.current_epoch + 1
+        if count % self.hparams.lr_scheduler_frequency:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            monitor = self.hparams.lr_scheduler_monitor
+            if monitor not in self.trainer.callback_metrics:
+                raise UserError(  # a configuration mistake Lightning also refuses
+                    f"ReduceLROnPlateau monitors {monitor!r}, which is not logged; set "
+                    f"model.lr_scheduler_monitor to one of {sorted(self.trainer.callback_metrics)}"
+                )
+            scheduler.step(self.trainer.callback_metrics[monitor])
+        else:
+            scheduler.step()
+
+    # --- checkpoints and serving ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mlplab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if isinstance(self.logger, MLFlowLogger) and self.logger.run_id is not None:
             checkpoint["mlflow_run_id"] = self.logger.run_id  # resuming continues this run
 
-    @classmethod
-    def from_checkpoint(cls, path: str, map_location: str = "cpu") -> MLPTask:
-        """The task a checkpoint holds, whichever subclass it is (for inference: the optimizer
-        settings are not restored)."""
-        import importlib
-
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    @staticmethod
+    def from_checkpoint(path: str, map_location: str = "cpu") -> Task:
+        """The task a checkpoint holds, whichever class it is, in eval mode (for inference).
+        `Classifier.load_from_checkpoint(path)` does the same when the class is known."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         module_name, _, class_name = checkpoint["mlplab_task"].rpartition(".")
         task_class = getattr(importlib.import_module(module_name), class_name)
-        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-        task = task_class(**hparams)
-        task.load_state_dict(checkpoint["state_dict"])
+        task = task_class.load_from_checkpoint(path, map_location=map_location, weights_only=False)
         return task.eval()
 
     def inference_module(self) -> nn.Sequential:
         """Raw features in, the seed's outputs (probabilities or values) out: what MLflow serves."""
-        module = nn.Sequential(self.input_norm, self.mlp, self.output)
+        module = nn.Sequential(self.input_norm, self.net, self.output)
         return copy.deepcopy(module).cpu().eval()
 
 
-class Classifier(MLPTask):
+class Classifier(Task):
     """Binary (one output unit) when `num_classes == 2`, else one unit per class.
 
     `loss: cross_entropy` puts the seeds' sigmoid / softmax on the output and trains with
@@ -271,6 +345,7 @@ class Classifier(MLPTask):
 
     def __init__(
         self,
+        net: NetFactory,
         num_features: int,
         num_classes: int,
         loss: Literal["cross_entropy", "mse"] = "cross_entropy",
@@ -279,7 +354,7 @@ class Classifier(MLPTask):
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         self.num_classes = num_classes
-        super().__init__(num_features, 1 if num_classes == 2 else num_classes, **kwargs)
+        super().__init__(net, num_features, 1 if num_classes == 2 else num_classes, **kwargs)
         self.loss_name = loss
         if loss == "mse":
             self.output = nn.Identity()
@@ -330,17 +405,18 @@ class R2Score(torchmetrics.R2Score):
         return super().compute()
 
 
-class Regressor(MLPTask):
+class Regressor(Task):
     """Linear output, MSE / MAE / Huber loss; reports MAE, RMSE and R2."""
 
     def __init__(
         self,
+        net: NetFactory,
         num_features: int,
         num_targets: int = 1,
         loss: Literal["mse", "mae", "huber"] = "mse",
         **kwargs,
     ) -> None:
-        super().__init__(num_features, num_targets, **kwargs)
+        super().__init__(net, num_features, num_targets, **kwargs)
         self.output = nn.Identity()
         self.loss_fn = {"mse": nn.MSELoss(), "mae": nn.L1Loss(), "huber": nn.HuberLoss()}[loss]
 

@@ -1,0 +1,124 @@
+"""The `mlplab` command: one dispatcher for LightningCLI's subcommands and mlplab's own.
+
+Kept free of heavy imports, so `mlplab --help` answers at once; each command imports what it
+needs when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+
+# mlplab's own commands and their modules (each has a `main(argv)`)
+COMMANDS = {
+    "sweep": "mlplab.sweep",
+    "baseline": "mlplab.baseline",
+    "runs": "mlplab.runs",
+    "export": "mlplab.export",
+    "reproduce": "mlplab.reproduce",
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+USAGE = """usage: mlplab COMMAND [options]
+
+Train, evaluate and track networks with PyTorch Lightning and MLflow.
+
+LightningCLI commands (settings from YAML configs and dotted flags):
+  fit        train, test the best checkpoint, log the model to MLflow
+  validate   evaluate a checkpoint on the validation split
+  test       evaluate a checkpoint on the test split
+  predict    predictions over a config's data; or --model M --input FILE for a file
+
+mlplab's commands:
+  sweep      a grid as MLflow parent and child runs
+  baseline   a scikit-learn estimator on mlplab data, tracked like a fit
+  runs       an experiment's runs as a table
+  export     a checkpoint as ONNX, checked against it
+  reproduce  every seed experiment, written to docs/RESULTS.md
+
+`mlplab COMMAND --help` lists a command's options, e.g. `mlplab fit --help`.
+"""
+
+
+def _quiet() -> None:
+    """Silence advice that does not apply to in-memory data and epoch-level logging."""
+    import logging
+    import warnings
+
+    for message in (
+        r".*does not have many workers",  # batches are tensor slices: workers would only add IPC
+        r".*smaller than the logging interval",  # mlplab logs per epoch
+        r".*LeafSpec",  # a deprecation inside Lightning itself
+        r".*args parameter is intended",  # `mlplab reproduce` drives the CLI from Python
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip")
+    )
+
+
+def _leave_process_group() -> None:
+    """DDP ranks wait for rank zero (logging the model) and close the process group together:
+    a rank exiting with its gloo threads still running aborts ("terminate called without an
+    active exception"), seen here one run in a few."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _run(argv: list[str]) -> None:
+    command = argv[0] if argv else None
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command]).main(argv[1:])
+    elif command == "predict" and "--input" in argv:
+        from mlplab.predict import main as predict_main
+
+        predict_main(argv[1:])
+    else:
+        from mlplab.cli import MLPLabCLI
+
+        MLPLabCLI(args=argv)
+        _leave_process_group()
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return
+    if argv[0] not in (*COMMANDS, *LIGHTNING_COMMANDS):
+        sys.exit(f"mlplab: error: unknown command {argv[0]!r}; `mlplab --help` lists them")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # an unreachable tracking server fails in seconds, not after MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    try:
+        _quiet()
+        from mlplab.errors import UserError
+
+        try:
+            _run(argv)
+        except UserError as err:  # Lightning has already marked a started run FAILED
+            print(f"mlplab: error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        except ModuleNotFoundError as err:  # an optional package a chosen class needs
+            print(f"mlplab: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+    except KeyboardInterrupt:  # outside training (Lightning handles it inside)
+        print("mlplab: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except BaseException as err:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(err, SIGTERMException):  # `RunStatus` has marked the run KILLED, said so
+            sys.exit(128 + signal.SIGTERM)
+        raise
+
+
+if __name__ == "__main__":
+    main()
