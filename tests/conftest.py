@@ -34,6 +34,19 @@ def run_mlplab(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Com
     )
 
 
+def fit_in_own_store(folder: Path, *args: str) -> str:
+    """`mlplab fit ARGS` in-process, in `folder` with its own store (module-scoped fixtures
+    share one run); returns the store's URI."""
+    from mlplab.main import main
+
+    uri = store_uri(folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(folder)
+        main(["fit", *args])
+    return uri
+
+
 def store_uri(folder: Path) -> str:
     """The SQLite store of `folder` (as the CLI lays it out under a working directory)."""
     return f"sqlite:///{folder}/mlruns/mlflow.db"
@@ -53,6 +66,13 @@ def experiment_runs(uri: str, name: str):
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(name)
     return client, ([] if found is None else client.search_runs([found.experiment_id]))
+
+
+def epochs_logged(client, run_id: str, key: str = "val/loss") -> list[int]:
+    """The epoch of each point of `key`, sorted: metrics are logged at the optimiser step, and
+    the `epoch` metric logged beside them says which epoch a step belongs to."""
+    epoch_at = {m.step: int(m.value) for m in client.get_metric_history(run_id, "epoch")}
+    return sorted(epoch_at[m.step] for m in client.get_metric_history(run_id, key))
 
 
 def config(name: str) -> str:

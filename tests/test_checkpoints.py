@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import config, experiment_runs, run_mlplab
+from conftest import config, experiment_runs, fit_in_own_store, run_mlplab
 from mlplab.main import main
 from mlplab.models import MLP, Classifier, Task
 
@@ -17,12 +17,7 @@ from mlplab.models import MLP, Classifier, Task
 def xor_checkpoint(tmp_path_factory):
     """A short XOR fit in its own store: (folder, the store's URI, its best checkpoint)."""
     tmp = tmp_path_factory.mktemp("ckpt")
-    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(tmp)
-    main(["fit", "--config", config("xor"), "--trainer.max_epochs", "100"])
-    mp.undo()
+    uri = fit_in_own_store(tmp, "--config", config("xor"))
     return tmp, uri, next(tmp.glob("mlruns/xor/*/checkpoints/best-*.ckpt"))
 
 

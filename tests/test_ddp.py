@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only as lightning_rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
-from conftest import ROOT, config, experiment_runs, run_mlplab, store_uri
+from conftest import ROOT, config, epochs_logged, experiment_runs, run_mlplab, store_uri
 from mlplab.cli import MLPLabCLI
 from mlplab.slurm import SLURMRequeue
 
@@ -64,8 +64,7 @@ def test_ddp_metrics_match_one_process(single_and_ddp):
     for key in ("train/loss", "val/loss", "val/acc", "test/loss", "test/acc"):
         assert ddp.data.metrics[key] == pytest.approx(single.data.metrics[key], abs=1e-4), key
     # one value per epoch: no rank but zero logged
-    history = client.get_metric_history(ddp.info.run_id, "val/loss")
-    assert sorted(m.step for m in history) == list(range(30))
+    assert epochs_logged(client, ddp.info.run_id) == list(range(30))
 
 
 def test_ddp_evaluates_every_sample_exactly_once(single_and_ddp):
@@ -179,7 +178,7 @@ def test_slurm_requeue_resumes_the_same_mlflow_run(tmp_path):
     assert (bin_dir / "requeued").read_text().split() == ["requeue", "777"]
     assert list((tmp_path / "mlruns" / "slurm-777").glob("hpc_ckpt_*.ckpt"))
     client, run = one_run(uri, "moons")
-    before = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+    before = epochs_logged(client, run.info.run_id)
     last = run_dirs / run.info.run_id / "checkpoints" / "last.ckpt"
     resumed_epoch = torch.load(last, weights_only=False)["epoch"] + 1  # saved at its end
 
@@ -188,7 +187,7 @@ def test_slurm_requeue_resumes_the_same_mlflow_run(tmp_path):
     assert f"mlplab: resuming run {run.info.run_id}" in requeued.stderr
     client, run = one_run(uri, "moons")
     assert run.info.status == "FINISHED"
-    after = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+    after = epochs_logged(client, run.info.run_id)
     # every epoch from the checkpoint on is run again; any the killed job had logged past its
     # last checkpoint stay in the history as a first attempt
     assert sorted(after) == sorted(before + list(range(resumed_epoch, 60)))

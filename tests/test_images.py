@@ -178,3 +178,19 @@ def test_full_reproduction(name, metric, minimum, store):
     main(["fit", "--config", config(name), "--trainer.enable_progress_bar", "false"])
     (run,) = mlflow.search_runs(experiment_names=[name], output_format="list")
     assert run.data.metrics[metric] >= minimum
+
+
+def test_the_cnn_config_trains_and_its_logged_model_serves_flat_images(tmp_path, store):
+    """The second network: one class and one YAML; the MLflow Model takes what its signature
+    says (rows of 784 pixels) and returns class probabilities."""
+    fake_mnist(tmp_path, n_train=120, n_test=20)
+    main(["fit", "--config", config("mnist_cnn"), "--data.data_dir", str(tmp_path),
+          "--data.val_size", "20", "--data.verify", "false",
+          "--trainer.max_epochs", "1"])  # fmt: skip
+    (run,) = mlflow.search_runs(experiment_names=["mnist_cnn"], output_format="list")
+    assert run.data.params["model.net"] == "mlplab.models.cnn.ConvNet"
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 784)
+    probabilities = np.asarray(model.predict(np.random.rand(3, 784).astype(np.float32)))
+    assert probabilities.shape == (3, 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)

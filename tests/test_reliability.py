@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Trainer
 from mlflow import MlflowClient
 
-from conftest import config, experiment_runs, run_in_store, run_mlplab, store_uri
+from conftest import config, epochs_logged, experiment_runs, run_in_store, run_mlplab, store_uri
 from mlplab.data import XORDataModule
 from mlplab.main import main
 from mlplab.models import MLP, Classifier
@@ -49,7 +49,7 @@ def wait_for_epochs(job, cwd, uri: str, experiment: str, epochs: int) -> str:
 
 
 def history(client, run_id: str, key: str = "val/loss") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
+    return epochs_logged(client, run_id, key)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def xor_checkpoint(tmp_path_factory):
         (["--ckpt_path", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
         (["--ckpt_path", "last"], "no run of this experiment has a last.ckpt"),
         (["--ckpt_path", "garbage.ckpt"], "garbage.ckpt is not a readable checkpoint"),
-        (["--ckpt_path", "XOR"], "belongs to another model (mlp.1.bias: checkpoint (4,)"),
+        (["--ckpt_path", "XOR"], "belongs to another model (net.1.bias: checkpoint (4,)"),
     ],
 )
 def test_bad_input_is_one_line_and_touches_no_store(args, message, tmp_path, xor_checkpoint):
@@ -162,7 +162,7 @@ def test_validate_with_another_models_checkpoint_is_one_line(tmp_path):
     result = run_mlplab("validate", "--config", config("digits"), "--ckpt_path", str(checkpoint),
                         cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     assert result.returncode == 2
-    assert "belongs to another model (mlp.1.weight: checkpoint (4, 2), model (4, 64))" in (
+    assert "belongs to another model (net.1.weight: checkpoint (4, 2), model (4, 64))" in (
         result.stderr
     )
     assert "Traceback" not in result.stderr

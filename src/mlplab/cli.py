@@ -143,6 +143,17 @@ class MLPLabCLI(LightningCLI):
                 f"data.{shape}", f"model.init_args.{shape}", apply_on="instantiate"
             )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning takes the model's settings from `--ckpt_path`'s hyperparameters. A file that
+        is no checkpoint is one line; one not written through the CLI (no `_class_path`) has no
+        settings to take, and Lightning's `weights_only` read of it would fail: the config rules."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            if "_class_path" not in read_checkpoint(path).get("hyper_parameters", {}):
+                return
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         """A class that cannot be built from its settings (a missing optional package, a value
         its `__init__` refuses) is one line naming the class, not jsonargparse's nested dump."""

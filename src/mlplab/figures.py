@@ -6,6 +6,7 @@ MLflow run under `figures/`. Without an MLflow logger (e.g. `fast_dev_run`) they
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -96,6 +97,8 @@ class ConfusionMatrix(Callback):
         datamodule = trainer.datamodule
         if logger is None or "test" not in getattr(datamodule, "data", {}):
             return
+        if not hasattr(pl_module, "metric_inputs"):  # not an mlplab task: no hard labels
+            return
         from matplotlib.figure import Figure
         from sklearn.metrics import ConfusionMatrixDisplay
 
@@ -140,7 +143,10 @@ class DecisionBoundary(Callback):
             indexing="xy",
         )
         grid = torch.stack([g0.flatten(), g1.flatten()], dim=1)  # (R*R, 2)
-        module = pl_module.inference_module()
+        if hasattr(pl_module, "inference_module"):
+            module = pl_module.inference_module()
+        else:  # any LightningModule: its forward on a copy
+            module = copy.deepcopy(pl_module).cpu().eval()
         with torch.no_grad():
             out = module(grid)
         figure = Figure(figsize=(5.5, 4.5), layout="constrained")

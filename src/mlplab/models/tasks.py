@@ -183,7 +183,8 @@ class Task(LightningModule):
         self.log_dict(getattr(self, f"{stage}_metrics"))
         if stage != "train":
             self.log(f"{stage}/samples", getattr(self, f"{stage}_samples"))
-        self.log("epoch", float(self.current_epoch))
+        if stage != "test":  # a test has no epoch of its own
+            self.log("epoch", float(self.current_epoch))
         self.log("step", float(self.global_step))  # Lightning's logger connector takes it as x
 
     def on_train_epoch_end(self) -> None:
