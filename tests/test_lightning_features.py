@@ -196,7 +196,7 @@ def test_a_network_defined_here_trains_by_class_path_and_reloads(store):
     folder = store.removeprefix("sqlite:///").rsplit("/", 1)[0]
     best = next((__import__("pathlib").Path(folder) / "digits" / run.info.run_id /
                  "checkpoints").glob("best-*.ckpt"))  # fmt: skip
-    task = Classifier.load_from_checkpoint(best, weights_only=False)
+    task = Classifier.load_from_checkpoint(best)
     assert isinstance(task.net, TinyNet) and task.net.layers[0].out_features == 48
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, 64)

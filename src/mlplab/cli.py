@@ -263,16 +263,21 @@ class MLPLabCLI(LightningCLI):
             return Path(files[0]).stem
         return type(self.datamodule).__name__.removesuffix("DataModule").lower()
 
+    def can_test(self) -> bool:
+        """Whether the module has a test step and the data a test split (mlplab's datamodules
+        name theirs in `splits`)."""
+        data = self.datamodule
+        return (
+            is_overridden("test_step", self.model, LightningModule)
+            and is_overridden("test_dataloader", data, LightningDataModule)
+            and "test" in getattr(data, "splits", ("test",))
+        )
+
     def after_fit(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         metrics = dict(trainer.callback_metrics)  # the last epoch's, before testing replaces them
-        testable = is_overridden("test_step", model, LightningModule) and is_overridden(
-            "test_dataloader", datamodule, LightningDataModule
-        )
-        if self.config.fit.test_after_fit and testable and "test" in getattr(
-            datamodule, "splits", ("test",)
-        ):
+        if self.config.fit.test_after_fit and self.can_test():
             trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
             metrics.update(trainer.callback_metrics)
         elif best:

@@ -123,8 +123,8 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; Python "
-        f"{platform.python_version()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch thread(s)"
+        f"{platform.python_version()}, torch {torch.__version__}; torch threads as each config "
+        "sets `num_threads` (1 unless it says otherwise)"
     )
 
 

@@ -102,7 +102,7 @@ class ArrayDataModule(LightningDataModule):
         self.chunk = chunk
         self.on_device = on_device
         self.global_batch = global_batch
-        self.chunked = False  # decided per fit in `setup`
+        self.chunked = False  # decided in `setup`, when the trainer is known
         self.data: dict[str, Split] = {}
 
     def load_splits(self) -> dict[str, Split]:
@@ -116,13 +116,13 @@ class ArrayDataModule(LightningDataModule):
         if self.on_device and device is not None:
             self.data = {k: (x.to(device), y.to(device)) for k, (x, y) in self.data.items()}
         if self.trainer is not None:
-            self.chunked = self.chunk > 1 and not self.fast_path_blocked()
+            self.chunked = self.chunk > 1 and not self.fast_path_blocked(stage)
 
-    def fast_path_blocked(self) -> bool:
+    def fast_path_blocked(self, stage: str | None) -> bool:
         from mlplab.fast_path import blockers
 
         found = blockers(self.trainer, self.trainer.lightning_module)
-        if found:
+        if found and stage == "fit":  # evaluation alone only loses its large batches
             rank_zero_info(
                 f"mlplab: data.chunk {self.chunk} is off for this run ({', '.join(found)} "
                 "needs single batches): one batch per Lightning step"

@@ -326,6 +326,7 @@ class Task(LightningModule):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         module_name, _, class_name = checkpoint["mlplab_task"].rpartition(".")
         task_class = getattr(importlib.import_module(module_name), class_name)
+        # a task built in Python pickles its `net` factory in the hyperparameters: a full load
         task = task_class.load_from_checkpoint(path, map_location=map_location, weights_only=False)
         return task.eval()
 
