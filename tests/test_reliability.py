@@ -103,18 +103,28 @@ def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted)
         assert abs(run.data.metrics[key] - uninterrupted.data.metrics[key]) <= tolerance, key
 
 
-def test_diverging_training_stops_with_a_reason_and_a_failed_run(tmp_path):
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("iris_regression", ["--model.optimizer", "SGD", "--model.lr", "1e6"],
+         "train/loss is nan in epoch 0"),
+        # finite but absurd: Adam at lr 1e12 ends near 1e13 with chance accuracy
+        ("iris_classification", ["--model.optimizer", "Adam", "--model.lr", "1e12"],
+         "over 10000x the first batch's"),
+    ],
+)  # fmt: skip
+def test_diverging_training_stops_with_a_reason_and_a_failed_run(tmp_path, name, args, message):
     uri = store_uri(tmp_path)
     result = run_mlplab(
-        "fit", "--config", config("iris_regression"), "--model.optimizer", "SGD",
-        "--model.lr", "1e6", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri},
-    )  # fmt: skip
+        "fit", "--config", config(name), *args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}
+    )
     assert result.returncode == 1
-    assert "mlplab: error: training diverged: train/loss is nan in epoch 0" in result.stderr
-    assert "Traceback" not in result.stderr
-    (run,) = experiment_runs(uri, "iris_regression")[1]
+    assert "mlplab: error: training diverged: " in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    (run,) = experiment_runs(uri, name)[1]
     assert run.info.status == "FAILED"
     assert run.data.tags["mlplab.failure"].startswith("TrainingDiverged: training diverged")
+    assert "model" not in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
 
 
 @pytest.fixture(scope="module")

@@ -94,10 +94,15 @@ class Task(LightningModule):
         lr_scheduler_frequency: int = 1,
         lr_scheduler_monitor: str = "val/loss",
         standardize: bool = False,
+        divergence_factor: float | None = 1e4,
     ) -> None:
         """`net` is called with (num_features, num_outputs) to build the network (an
         `nn.Module` already built is taken as it is); `standardize` puts the training split's
-        per-feature mean and std in front of it, so the model takes raw inputs."""
+        per-feature mean and std in front of it, so the model takes raw inputs.
+
+        Training stops as diverged when an epoch's train/loss is NaN, infinite, or above
+        `divergence_factor` times the loss of the first training batch (the untrained model's):
+        a finite explosion is a failure too (None: only NaN and infinity)."""
         super().__init__()
         # num_outputs follows from a subclass's own argument, so it is not a hyperparameter
         with warnings.catch_warnings():  # a net built in Python is dropped just below
@@ -126,6 +131,7 @@ class Task(LightningModule):
         self.val_samples, self.test_samples = EpochCount(), EpochCount()
         self.batches_seen = 0  # fast path: batches of this epoch, for gradient accumulation
         self.backward_fn = self.manual_backward  # fast path: see `on_train_start`
+        self.initial_loss: float | None = None  # see `on_train_epoch_end`
 
     # --- what a task defines -------------------------------------------------------------------
     output: nn.Module  # logits -> the seed's output unit (probabilities or values)
@@ -149,6 +155,8 @@ class Task(LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
+        if stage == "train" and self.initial_loss is None:
+            self.note_initial_loss(loss)
         self.update_metrics(stage, logits.detach(), y, loss.detach())
         return loss
 
@@ -187,12 +195,28 @@ class Task(LightningModule):
             self.log("epoch", float(self.current_epoch))
         self.log("step", float(self.global_step))  # Lightning's logger connector takes it as x
 
+    def note_initial_loss(self, loss: torch.Tensor) -> None:
+        """The untrained model's loss (averaged over DDP ranks, so all judge alike): the scale
+        an exploding loss is measured against."""
+        self.initial_loss = float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
+
     def on_train_epoch_end(self) -> None:
         loss = self.train_loss.compute()  # the same on every DDP rank: all stop together
+        factor, initial = self.hparams.get("divergence_factor"), self.initial_loss
         if not torch.isfinite(loss):
+            reason = f"train/loss is {loss.item()}"
+        elif factor and initial and loss > factor * initial:
+            reason = (
+                f"train/loss is {loss.item():.3g}, over {factor:g}x the first batch's "
+                f"{initial:.3g}"
+            )
+        else:
+            reason = None
+        if reason is not None:
             raise TrainingDiverged(
-                f"training diverged: train/loss is {loss.item()} in epoch {self.current_epoch} "
-                f"(model.lr is {self.hparams.lr}: lower it, or standardize the inputs)"
+                f"training diverged: {reason} in epoch {self.current_epoch} (model.lr is "
+                f"{self.hparams.lr}: lower it, or standardize the inputs; "
+                "model.divergence_factor sets the limit)"
             )
         self.log_epoch("train")
         if not self.automatic_optimization:
@@ -257,6 +281,8 @@ class Task(LightningModule):
                 break  # max_steps lands inside this chunk: stop exactly there
             logits = self(x)
             loss = self.loss(logits, y)
+            if self.initial_loss is None:
+                self.note_initial_loss(loss)
             self.backward_fn(loss / accumulate if accumulate > 1 else loss)
             self.batches_seen += 1
             used += 1
@@ -316,8 +342,12 @@ class Task(LightningModule):
     # --- checkpoints and serving ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mlplab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["mlplab_initial_loss"] = self.initial_loss  # a resumed fit keeps its scale
         if isinstance(self.logger, MLFlowLogger) and self.logger.run_id is not None:
             checkpoint["mlflow_run_id"] = self.logger.run_id  # resuming continues this run
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.initial_loss = checkpoint.get("mlplab_initial_loss")
 
     @staticmethod
     def from_checkpoint(path: str, map_location: str = "cpu") -> Task:
