@@ -260,3 +260,16 @@ def test_checkpointing_can_be_turned_off(tmp_path, monkeypatch):
     assert run.data.metrics["val/acc"] >= 0  # trained, logged
     assert not list(tmp_path.rglob("*.ckpt"))
     assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
+
+
+def test_a_printed_config_fed_back_lands_in_the_same_experiment(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config("xor"), "--print_config"])
+    printed = tmp_path / "my-xor-run.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert "experiment_name: xor" in printed.read_text()
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    main(["fit", "--config", str(printed), "--trainer.max_epochs", "1", "--tracking_uri", uri])
+    client = mlflow.MlflowClient(uri)
+    assert {e.name for e in client.search_experiments()} == {"xor", "Default"}

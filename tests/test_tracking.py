@@ -126,3 +126,37 @@ def test_an_epoch_is_one_metric_write_and_nothing_is_held_back(tmp_path, monkeyp
         # XOR: 4 optimiser steps an epoch
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [4, 8, 12]
     assert run.data.metrics["test/samples"] == 4  # written when the test run finalised
+
+
+def test_runs_of_one_seed_have_different_names_and_the_seeded_stream_is_kept(tmp_path, monkeypatch):
+    import random
+
+    from mlflow import MlflowClient
+
+    from mlplab.main import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    draws = []
+    for name in ([], [], ["--run_name", "named"]):
+        main(["fit", "--config", config("xor"), "--trainer.max_epochs", "1", "--tracking_uri",
+              uri, "--seed_everything", "7", "--test_after_fit", "false", *name])  # fmt: skip
+        draws.append(random.random())
+    client = MlflowClient(uri)
+    runs = client.search_runs(client.get_experiment_by_name("xor").experiment_id)
+    assert len({run.info.run_name for run in runs}) == 3
+    # drawing a name took nothing from the seeded stream: it goes on as in a named run
+    assert draws[0] == draws[1] == draws[2]
+
+
+def test_a_random_name_drawn_twice_gets_the_run_id_appended(tmp_path, monkeypatch):
+    import random
+
+    from mlplab.tracking import MLflowRunLogger
+
+    seed = random.seed
+    monkeypatch.setattr(random, "seed", lambda *args: seed(3))  # the same "fresh" draw twice
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first, second = (MLflowRunLogger("names", tracking_uri=uri) for _ in range(2))
+    names = [logger.experiment.get_run(logger.run_id).info.run_name for logger in (first, second)]
+    assert names[1] == f"{names[0]}-{second.run_id[:6]}"

@@ -69,6 +69,21 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     return [args[0], "--config", config, *args[1:]]
 
 
+def with_experiment_name(args: list[str]) -> list[str]:
+    """The experiment is named after the first config file: given as a setting ahead of that
+    file, so the file (a printed config fed back) and later flags still decide, and
+    `--print_config` shows the name the run will use."""
+    flags = [arg.split("=", 1)[0] for arg in args]
+    if "--experiment_name" in flags:
+        return args
+    for at, flag in enumerate(flags):
+        if flag in ("--config", "-c"):
+            path = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
+            if path.endswith((".yaml", ".yml", ".json")):  # a file, not YAML text
+                return [*args[:at], "--experiment_name", Path(path).stem, *args[at:]]
+    return args
+
+
 class MLPLabCLI(LightningCLI):
     """LightningCLI with shapes linked from data to model, MLflow as the logger, and a `fit`
     that ends with the best checkpoint evaluated on the test split and logged as a model.
@@ -88,7 +103,9 @@ class MLPLabCLI(LightningCLI):
             parser_kwargs={"description": DESCRIPTION},
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
             trainer_defaults={"default_root_dir": "mlruns"},
-            args=with_checkpoint_config(sys.argv[1:] if args is None else args),
+            args=with_experiment_name(
+                with_checkpoint_config(sys.argv[1:] if args is None else args)
+            ),
             run=run,
         )
 
@@ -197,7 +214,9 @@ class MLPLabCLI(LightningCLI):
                 trainer["plugins"] = [SLURMEnvironment(auto_requeue=False)]
                 callbacks.append(SLURMRequeue())
         trainer["callbacks"] = [*(trainer.get("callbacks") or []), *callbacks]
-        experiment = config.get("experiment_name") or self.config_name()
+        # named after the config file (`with_experiment_name`), else after the data's class
+        data_name = type(self.datamodule).__name__.removesuffix("DataModule").lower()
+        experiment = config.get("experiment_name") or data_name
         config.experiment_name = experiment  # recorded, so a printed or saved config keeps it
         checkpoint = self.resolve_checkpoint(experiment) if self.subcommand else None
         wanted = trainer.get("logger")
@@ -254,14 +273,6 @@ class MLPLabCLI(LightningCLI):
             return None
         print(f"mlplab: resuming run {run_id} from {checkpoint}", file=sys.stderr)
         return run_id
-
-    def config_name(self) -> str:
-        """The first config file's stem (`configs/xor.yaml` -> `xor`), else the data's class."""
-        files = [str(f) for f in self.command_config.get("config") or []]
-        files = [f for f in files if f.endswith((".yaml", ".yml", ".json"))]  # not YAML text
-        if files:
-            return Path(files[0]).stem
-        return type(self.datamodule).__name__.removesuffix("DataModule").lower()
 
     def can_test(self) -> bool:
         """Whether the module has a test step and the data a test split (mlplab's datamodules

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,7 @@ class MLflowRunLogger(MLFlowLogger):
         self.opened = False  # whether the run exists: `experiment` was touched
         self.store_root = root if root is not None else Path("mlruns")
         self.resumed = run_id is not None
+        self.named = run_name is not None
         self.failure: tuple[str, str] | None = None  # (status, reason), set by `RunStatus`
         self._pending: dict[str, float] = {}  # metrics not yet written, see `log_metrics`
         self._pending_step: int | None = None
@@ -88,13 +91,28 @@ class MLflowRunLogger(MLFlowLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        """The client; a resumed run is set back to RUNNING when first touched."""
-        client = super().experiment
-        if not self.opened:
-            self.opened = True
-            if self.resumed:
-                client.update_run(self.run_id, status="RUNNING")
+        """The client; a resumed run is set back to RUNNING when first touched, a new one gets
+        a readable name unique in its experiment."""
+        if self.opened:
+            return super().experiment
+        with unseeded_random():
+            client = super().experiment
+        self.opened = True
+        if self.resumed:
+            client.update_run(self.run_id, status="RUNNING")
+        elif not self.named:
+            self.make_name_unique(client)
         return client
+
+    def make_name_unique(self, client) -> None:
+        """A random name drawn twice in one experiment gets the run id's head appended."""
+        run = client.get_run(self.run_id)
+        name = run.info.run_name.replace("'", "")
+        same = client.search_runs(
+            [run.info.experiment_id], f"attributes.run_name = '{name}'", max_results=2
+        )
+        if len(same) > 1:
+            client.update_run(self.run_id, name=f"{name}-{self.run_id[:6]}")
 
     def finalize(self, status: str = "success") -> None:
         """As Lightning's, but an interrupted run ends KILLED and a failed one says why."""
@@ -142,6 +160,18 @@ class MLflowRunLogger(MLFlowLogger):
         if self._pending:
             super().log_metrics(self._pending, step=self._pending_step)
             self._pending = {}  # only once written: a failed write is retried by `finalize`
+
+
+@contextlib.contextmanager
+def unseeded_random():
+    """MLflow draws run names from Python's `random`, which `seed_everything` seeded: every run
+    of a seed would get one name. Draw them from fresh entropy and give the seeded state back."""
+    state = random.getstate()
+    random.seed()
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
