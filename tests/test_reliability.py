@@ -92,15 +92,55 @@ def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted)
     assert len(found) == 1, "resuming made a second run"
     (run,) = found
     assert run.info.status == "FINISHED"
-    after = history(client, run_id)
-    # every epoch from the checkpoint on is run again; any the killed job had logged past its
-    # last checkpoint stay in the history as a first attempt
-    assert after == sorted(before + list(range(resumed_epoch, 40))), (before, resumed_epoch)
+    # the checkpoint is the newest completed epoch, and a job killed between writing it and
+    # writing that epoch to MLflow has it written on resuming: every epoch exactly once
+    assert history(client, run_id) == list(range(40)), (before, resumed_epoch)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "config-resume-1.yaml"} <= artifacts
     # shuffling restarts from a new random state, so not bit-identical: close to a whole run
     for key, tolerance in (("test/acc", 0.02), ("val/acc", 0.02), ("val/loss", 0.05)):
         assert abs(run.data.metrics[key] - uninterrupted.data.metrics[key]) <= tolerance, key
+
+
+def test_last_is_the_latest_epoch_and_resuming_from_it_logs_each_epoch_once(tmp_path):
+    """Lightning 2.6's `save_last` writes last.ckpt only beside a new best: here the
+    validation loss rises after its best epoch, so best and last differ."""
+    digits = ["fit", "--config", config("digits"), "--model.lr", "0.01", "--test_after_fit",
+              "false", "--trainer.callbacks", "[]"]  # fmt: skip
+    run_in_store(tmp_path, *digits, "--trainer.max_epochs", "30")
+    client, (run,) = experiment_runs(store_uri(tmp_path), "digits")
+    folder = tmp_path / "mlruns" / "digits" / run.info.run_id / "checkpoints"
+    (best,) = folder.glob("best-*.ckpt")
+    assert torch.load(best, weights_only=False)["epoch"] < 29
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 29
+    assert not list(folder.glob("*.part"))
+    run_in_store(tmp_path, *digits, "--trainer.max_epochs", "35", "--ckpt_path", "last")
+    client, (run,) = experiment_runs(store_uri(tmp_path), "digits")
+    assert history(client, run.info.run_id) == list(range(35))
+    assert run.info.status == "FINISHED"
+
+
+def test_an_epoch_checkpointed_but_not_yet_in_mlflow_is_written_on_resuming(tmp_path):
+    """The window a `kill -9` can hit: last.ckpt of epoch 2 written, its metrics not."""
+    uri = store_uri(tmp_path)
+    run_in_store(tmp_path, *MOONS[:3], "--trainer.max_epochs", "3", "--test_after_fit", "false")
+    client, (run,) = experiment_runs(uri, "moons")
+    last = tmp_path / "mlruns" / "moons" / run.info.run_id / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    unwritten = checkpoint["mlplab_unwritten"]
+    assert {"train/loss", "val/loss", "epoch"} <= set(unwritten["metrics"])
+    # as if the job had died before its last write: a fresh run holding epochs 0-1 only
+    fresh = client.create_run(run.info.experiment_id).info.run_id
+    for metric in ("val/loss", "train/loss", "epoch"):
+        for point in client.get_metric_history(run.info.run_id, metric):
+            if point.step < unwritten["step"]:
+                client.log_metric(fresh, metric, point.value, step=point.step)
+    checkpoint["mlflow_run_id"] = fresh
+    torch.save(checkpoint, last)
+    run_in_store(tmp_path, *MOONS[:3], "--trainer.max_epochs", "5", "--ckpt_path", "last",
+                 "--test_after_fit", "false")  # fmt: skip
+    assert history(client, fresh) == [0, 1, 2, 3, 4]
+    assert history(client, fresh, "train/loss") == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

@@ -226,12 +226,14 @@ class MLPLabCLI(LightningCLI):
         elif wanted is None or wanted is True:
             if rank_zero_only.rank == 0:
                 check_reachable(config.tracking_uri)
+            run_id = self.resumed_run(checkpoint) if self.subcommand == "fit" else None
             kwargs["logger"] = MLflowRunLogger(
                 experiment_name=experiment,
                 run_name=config.run_name,
                 tracking_uri=config.tracking_uri,
                 tags={**(config.get("tags") or {}), "mlplab.command": self.subcommand},
-                run_id=self.resumed_run(checkpoint) if self.subcommand == "fit" else None,
+                run_id=run_id,
+                unwritten=read_checkpoint(checkpoint).get("mlplab_unwritten") if run_id else None,
             )
         return super().instantiate_trainer(**kwargs)
 
@@ -240,7 +242,9 @@ class MLPLabCLI(LightningCLI):
             callbacks = [
                 callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)
             ]
-        return super()._instantiate_trainer(config, callbacks)
+        # each `Checkpoint` with `save_last` brings the callback that keeps last.ckpt the latest
+        latest = [c.latest for c in callbacks if isinstance(c, Checkpoint) and c.latest]
+        return super()._instantiate_trainer(config, [*callbacks, *latest])
 
     def resolve_checkpoint(self, experiment: str) -> Path | None:
         """The checkpoint `--ckpt_path` names (`last`: the experiment's newest; on SLURM, a

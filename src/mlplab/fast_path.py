@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, Pro
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mlplab.checkpoints import Checkpoint
+from mlplab.checkpoints import Checkpoint, LatestCheckpoint
 from mlplab.models.tasks import Task
 
 # hooks that run between the batches of one Lightning step
@@ -42,7 +42,7 @@ def _callback_needs_batches(callback: Callback) -> bool:
         return True  # their trial fits record every batch
     if isinstance(callback, ProgressBar | Timer):
         return False  # a display, and a time limit checked per chunk (~30 ms apart)
-    if isinstance(callback, Checkpoint):
+    if isinstance(callback, Checkpoint | LatestCheckpoint):
         return callback.within_epoch
     return _per_batch(callback, Callback)
 

@@ -20,6 +20,7 @@ import subprocess
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from mlplab.checkpoints import latest_checkpoint
 from mlplab.resume import hpc_checkpoint
 
 
@@ -60,7 +61,7 @@ class SLURMRequeue(Callback):
         previous = hpc_checkpoint(trainer.default_root_dir)
         number = int(previous.stem.rpartition("_")[2]) + 1 if previous else 1
         hpc_path = os.path.join(trainer.default_root_dir, f"hpc_ckpt_{number}.ckpt")
-        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        last = latest_checkpoint(trainer)
         if trainer.is_global_zero:
             os.makedirs(trainer.default_root_dir, exist_ok=True)
         if last and os.path.isfile(last):

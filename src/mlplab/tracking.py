@@ -62,7 +62,10 @@ class MLflowRunLogger(MLFlowLogger):
         tracking_uri: str | None = None,
         tags: dict[str, Any] | None = None,
         run_id: str | None = None,
+        unwritten: dict | None = None,
     ) -> None:
+        """`unwritten`: what the checkpoint a fit resumes from recorded as not yet written
+        (`LatestCheckpoint`); written on opening the run if the run lacks it."""
         uri = resolve_tracking_uri(tracking_uri)
         root = local_store_root(uri)
         artifact_location = None
@@ -84,6 +87,7 @@ class MLflowRunLogger(MLFlowLogger):
         self.store_root = root if root is not None else Path("mlruns")
         self.resumed = run_id is not None
         self.named = run_name is not None
+        self.unwritten_at_resume = unwritten
         self.failure: tuple[str, str] | None = None  # (status, reason), set by `RunStatus`
         self._pending: dict[str, float] = {}  # metrics not yet written, see `log_metrics`
         self._pending_step: int | None = None
@@ -100,9 +104,29 @@ class MLflowRunLogger(MLFlowLogger):
         self.opened = True
         if self.resumed:
             client.update_run(self.run_id, status="RUNNING")
+            self.write_if_missing(client, self.unwritten_at_resume)
         elif not self.named:
             self.make_name_unique(client)
         return client
+
+    def unwritten(self, trainer: Trainer) -> dict:
+        """The epoch's metrics at its end, before Lightning hands them over: the validation
+        ones waiting here and the training ones the module has just logged."""
+        step = trainer.global_step
+        metrics = dict(self._pending) if self._pending_step == step else {}
+        metrics.update(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        )
+        metrics["epoch"] = float(trainer.current_epoch)
+        return {"step": step, "metrics": metrics}
+
+    def write_if_missing(self, client, unwritten: dict | None) -> None:
+        """A job killed between its checkpoint and its MLflow write: write that epoch now."""
+        if not unwritten:
+            return
+        steps = {m.step for m in client.get_metric_history(self.run_id, "epoch")}
+        if unwritten["step"] not in steps:
+            super().log_metrics(unwritten["metrics"], step=unwritten["step"])
 
     def make_name_unique(self, client) -> None:
         """A random name drawn twice in one experiment gets the run id's head appended."""
