@@ -128,6 +128,21 @@ def test_logged_model_loads_with_pyfunc_and_solves_xor(xor_run):
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, 2)
 
 
+def test_logged_model_carries_its_checkpoints_metrics_and_the_test_metrics(xor_run):
+    run, tmp = xor_run
+    (best,) = (tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt")
+    step = __import__("torch").load(best, weights_only=False)["global_step"]
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string="name = 'model'",
+        output_format="list")  # fmt: skip
+    metrics = {m.key: m for m in model.metrics}
+    client = MlflowClient()
+    val_acc = next(m for m in client.get_metric_history(run.info.run_id, "val/acc")
+                   if m.step == step)  # fmt: skip
+    assert metrics["val/acc"].value == val_acc.value == 1.0 and metrics["val/acc"].step == step
+    assert metrics["test/acc"].value == run.data.metrics["test/acc"]
+
+
 def test_predict_from_the_mlflow_model_and_from_the_checkpoint(xor_run, tmp_path):
     run, tmp = xor_run
     np.savetxt(tmp_path / "x.csv", XOR, delimiter=",", header="x1,x2", comments="")

@@ -9,6 +9,7 @@ import sys
 import time
 from functools import partial
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -102,18 +103,39 @@ def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted)
         assert abs(run.data.metrics[key] - uninterrupted.data.metrics[key]) <= tolerance, key
 
 
+def write_digits_input(folder):
+    path = folder / "digits.csv"
+    np.savetxt(path, np.random.default_rng(0).uniform(0, 16, (3, 64)), delimiter=",")
+    return path
+
+
 def test_last_is_the_latest_epoch_and_resuming_from_it_logs_each_epoch_once(tmp_path):
     """Lightning 2.6's `save_last` writes last.ckpt only beside a new best: here the
     validation loss rises after its best epoch, so best and last differ."""
     digits = ["fit", "--config", config("digits"), "--model.lr", "0.01", "--test_after_fit",
               "false", "--trainer.callbacks", "[]"]  # fmt: skip
-    run_in_store(tmp_path, *digits, "--trainer.max_epochs", "30")
+    run_in_store(tmp_path, *digits, "--trainer.max_epochs", "30", "--register_model", "digits")
     client, (run,) = experiment_runs(store_uri(tmp_path), "digits")
     folder = tmp_path / "mlruns" / "digits" / run.info.run_id / "checkpoints"
     (best,) = folder.glob("best-*.ckpt")
-    assert torch.load(best, weights_only=False)["epoch"] < 29
-    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 29
+    best, last = (torch.load(f, weights_only=False) for f in (best, folder / "last.ckpt"))
+    assert best["epoch"] < 29 and last["epoch"] == 29
     assert not list(folder.glob("*.part"))
+    # both are logged models, each carrying the metrics of its own epoch
+    mlflow.set_tracking_uri(store_uri(tmp_path))
+    models = {m.tags["mlplab.checkpoint"]: m for m in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list")}  # fmt: skip
+    for name, step in (("best", best["global_step"]), ("last", last["global_step"])):
+        logged = {m.key: m.value for m in models[name].metrics}
+        assert {m.step for m in models[name].metrics} == {step}
+        points = client.get_metric_history(run.info.run_id, "val/loss")
+        assert logged["val/loss"] == next(m.value for m in points if m.step == step)
+    predicted = run_mlplab("predict", "--model", "models:/digits@candidate", "--input",
+                           str(write_digits_input(tmp_path)), cwd=tmp_path,
+                           env={"MLFLOW_TRACKING_URI": store_uri(tmp_path)})  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    header, *rows = predicted.stdout.strip().splitlines()
+    assert header.startswith("output_0,") and len(rows) == 3  # probabilities of 10 digits
     run_in_store(tmp_path, *digits, "--trainer.max_epochs", "35", "--ckpt_path", "last")
     client, (run,) = experiment_runs(store_uri(tmp_path), "digits")
     assert history(client, run.info.run_id) == list(range(35))

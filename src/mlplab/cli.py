@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mlplab.checkpoints import Checkpoint
+from mlplab.checkpoints import Checkpoint, latest_checkpoint
 from mlplab.errors import UserError
 from mlplab.predict import PredictionWriter
 from mlplab.resume import (
@@ -131,6 +131,12 @@ class MLPLabCLI(LightningCLI):
             type=str | None,
             default=None,
             help="fit: register the logged model in the MLflow Model Registry under this name",
+        )
+        parser.add_argument(
+            "--register_alias",
+            type=str | None,
+            default="candidate",
+            help="fit: the registry alias set on the registered version (models:/NAME@ALIAS)",
         )
         parser.add_argument(
             "--test_after_fit",
@@ -310,9 +316,11 @@ class MLPLabCLI(LightningCLI):
         )
         logger = trainer.logger
         if isinstance(logger, MLflowRunLogger):
-            uri = log_model(logger, model, datamodule)
+            step = read_checkpoint(best)["global_step"] if best else trainer.global_step
+            uri = log_model(logger, model, datamodule, step, best, latest_checkpoint(trainer))
             if uri is None:
                 return
             print(f"mlplab: run {logger.run_id} ({logger.name}), model {uri}")
-            if self.config.fit.register_model:
-                register_model(uri, self.config.fit.register_model, logger.tracking_uri)
+            fit = self.config.fit
+            if fit.register_model:
+                register_model(uri, fit.register_model, logger.tracking_uri, fit.register_alias)

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mlplab.resume import read_checkpoint
 from mlplab.store import (
     check_writable,
     experiment_dir,
@@ -292,15 +293,28 @@ def input_example(datamodule, rows: int = 5) -> torch.Tensor:
     return (batch[0] if isinstance(batch, list | tuple) else batch)[:rows]
 
 
-def log_model(logger: MLflowRunLogger, module, datamodule) -> str | None:
+def log_model(
+    logger: MLflowRunLogger,
+    module,
+    datamodule,
+    step: int = 0,
+    best: str = "",
+    latest: str = "",
+) -> str | None:
     """Log the module as an MLflow PyTorch model with signature and input example: its
     `inference_module()` if it has one (raw inputs in, the task's outputs out), else itself.
 
-    Returns the model URI (`runs:/<run_id>/model`) that `mlflow.pyfunc.load_model` accepts, or
+    `step` is the global step of the checkpoint the weights come from (`best`), so the logged
+    model carries that epoch's metrics, and the run's test metrics beside them. The `latest`
+    checkpoint, when it is another file, is recorded as an external logged model (the
+    checkpoint is its artifact), so both are found with `mlflow.search_logged_models`.
+
+    Returns the model's URI (`models:/<model_id>`; `runs:/<run_id>/model` loads it too), or
     None, having said why, when the module cannot predict on its own training inputs.
     """
     import mlflow
     import mlflow.pytorch
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
     if hasattr(module, "inference_module"):
@@ -322,20 +336,53 @@ def log_model(logger: MLflowRunLogger, module, datamodule) -> str | None:
     example, output = example.numpy(), torch.as_tensor(output).numpy()
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
     mlflow.set_tracking_uri(logger.tracking_uri)
-    with mlflow.start_run(run_id=logger.run_id):
-        mlflow.pytorch.log_model(
+    client, run_id = logger.experiment, logger.run_id
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
             inference,
             name="model",
             signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=requirements,
             serialization_format="pt2",  # torch.export: loads and serves without mlplab's code
+            step=step,  # MLflow links the run's metrics at this step to the model
+            tags={"mlplab.checkpoint": "best", "mlplab.checkpoint_path": best},
         )
-    return f"runs:/{logger.run_id}/model"
+        link_metrics(client, run_id, info.model_id, prefix="test/")
+        if latest and latest != best:
+            latest_step = read_checkpoint(latest)["global_step"]
+            external = mlflow.create_external_model(
+                name="last",
+                source_run_id=run_id,
+                tags={"mlplab.checkpoint": "last", "mlplab.checkpoint_path": latest},
+            )
+            client.log_outputs(run_id, [LoggedModelOutput(external.model_id, step=latest_step)])
+            link_metrics(client, run_id, external.model_id, step=latest_step)
+    return info.model_uri
 
 
-def register_model(model_uri: str, name: str, tracking_uri: str | None = None) -> str:
-    """Register a logged model in the Model Registry; returns `models:/<name>/<version>`."""
+def link_metrics(client, run_id: str, model_id: str, step: int | None = None,
+                 prefix: str = "") -> None:  # fmt: skip
+    """Attach run metrics to a logged model, as `log_model(step=...)` does: the points at
+    `step`, or the newest point of each metric named with `prefix`."""
+    from mlflow.entities import Metric
+
+    points = []
+    for key in client.get_run(run_id).data.metrics:
+        if not key.startswith(prefix):
+            continue
+        history = client.get_metric_history(run_id, key)
+        chosen = [m for m in history if m.step == step] if step is not None else history[-1:]
+        points += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in chosen]
+    if points:
+        client.log_batch(run_id, metrics=points)
+
+
+def register_model(
+    model_uri: str, name: str, tracking_uri: str | None = None, alias: str | None = None
+) -> str:
+    """Register a logged model in the Model Registry, pointing `alias` (e.g. `candidate`) at
+    the new version; returns `models:/<name>/<version>`."""
     import logging
 
     import mlflow
@@ -344,5 +391,10 @@ def register_model(model_uri: str, name: str, tracking_uri: str | None = None) -
     logging.getLogger("mlflow.tracking._model_registry.client").setLevel(logging.WARNING)
     version = mlflow.register_model(model_uri, name)
     uri = f"models:/{name}/{version.version}"
-    print(f"mlplab: registered {model_uri} as {uri}")
+    if alias:
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+        uri_alias = f" and models:/{name}@{alias}"
+    else:
+        uri_alias = ""
+    print(f"mlplab: registered {model_uri} as {uri}{uri_alias}")
     return uri
