@@ -128,6 +128,15 @@ def test_logged_model_loads_with_pyfunc_and_solves_xor(xor_run):
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, 2)
 
 
+def test_the_splits_are_the_runs_dataset_inputs(xor_run):
+    run, _ = xor_run
+    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    found = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(found) == {"train", "val", "test"}
+    assert found["train"].name == "xor-train" and len(found["train"].digest) >= 8
+    assert '"features_shape": [4, 2]' in found["train"].profile
+
+
 def test_logged_model_carries_its_checkpoints_metrics_and_the_test_metrics(xor_run):
     run, tmp = xor_run
     (best,) = (tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt")

@@ -264,6 +264,8 @@ class MLflowSaveConfig(SaveConfigCallback):
 
     def on_fit_start(self, trainer: Trainer, pl_module) -> None:
         self.log_params(trainer, pl_module)
+        if isinstance(trainer.logger, MLflowRunLogger) and trainer.is_global_zero:
+            log_datasets(trainer.logger, trainer.datamodule)
 
     def log_params(self, trainer: Trainer, pl_module) -> None:
         if self.params is None:
@@ -282,6 +284,33 @@ class MLflowSaveConfig(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["mlplab_config"] = self.config_text()
+
+
+def log_datasets(logger: MLflowRunLogger, datamodule) -> None:
+    """The splits a fit uses as MLflow dataset inputs (name, source, digest, shapes, the split
+    as context), so the UI's Datasets column and filter work. Datamodules holding their splits
+    in memory (`data`: split -> (features, targets)) have them all; others are not described."""
+    data = getattr(datamodule, "data", None)
+    if not isinstance(data, dict) or not data:
+        return
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    name = type(datamodule).__name__.removesuffix("DataModule").lower()
+    source = getattr(datamodule, "raw_dir", None)  # image data: the files; else made in code
+    inputs = []
+    for split, (x, y) in data.items():
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(
+                x.cpu().numpy(), targets=y.cpu().numpy(), name=f"{name}-{split}",
+                source=str(source) if source is not None else None,
+            )  # fmt: skip
+        context = InputTag("mlflow.data.context", split)
+        inputs.append(DatasetInput(Dataset(**dataset.to_dict()), tags=[context]))
+    logger.experiment.log_inputs(logger.run_id, datasets=inputs)
 
 
 def input_example(datamodule, rows: int = 5) -> torch.Tensor:
