@@ -157,6 +157,8 @@ class MLflowRunLogger(MLFlowLogger):
             self._finalize(status, reason)
 
     def _finalize(self, status: str, reason: str | None) -> None:
+        if status == "KILLED":  # an interrupted epoch's validation: rerun and recorded on resume
+            self._pending = {}
         self.flush()
         if reason is not None:
             self.experiment.set_tag(self.run_id, "mlplab.failure", reason[:5000])
