@@ -419,6 +419,8 @@ def register_model(
     import mlflow
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    # MLflow announces each registration on this logger (a name, not an attribute: logging's
+    # public API); mlplab prints its own line below
     logging.getLogger("mlflow.tracking._model_registry.client").setLevel(logging.WARNING)
     version = mlflow.register_model(model_uri, name)
     uri = f"models:/{name}/{version.version}"
