@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import CONFIGS, ROOT, config, fit_in_own_store, real_data, run_mlplab
+from conftest import CONFIGS, ROOT, config, experiment_runs, fit_in_own_store, real_data, run_mlplab
 from mlplab.main import main
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
@@ -135,6 +135,29 @@ def test_the_splits_are_the_runs_dataset_inputs(xor_run):
     assert set(found) == {"train", "val", "test"}
     assert found["train"].name == "xor-train" and len(found["train"].digest) >= 8
     assert '"features_shape": [4, 2]' in found["train"].profile
+
+
+def test_system_metrics_are_in_the_run(xor_run):
+    run, _ = xor_run
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "switch, env",
+    [(["--log_system_metrics", "false"], {}),
+     ([], {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})],  # fmt: skip
+    ids=["flag", "mlflow-switch"],
+)
+def test_system_metrics_can_be_switched_off(switch, env, tmp_path, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    uri = fit_in_own_store(tmp_path, "--config", config("xor"), "--trainer.max_epochs", "1",
+                           "--trainer.callbacks", "[]", *switch)  # fmt: skip
+    _, (run,) = experiment_runs(uri, "xor")
+    assert "val/loss" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
 
 
 def test_logged_model_carries_its_checkpoints_metrics_and_the_test_metrics(xor_run):

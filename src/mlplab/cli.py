@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from mlplab.checkpoints import Checkpoint, latest_checkpoint
 from mlplab.errors import UserError
+from mlplab.logged_models import log_model
 from mlplab.predict import PredictionWriter
 from mlplab.resume import (
     check_fits,
@@ -25,13 +26,8 @@ from mlplab.resume import (
 )
 from mlplab.slurm import SLURMRequeue
 from mlplab.store import check_reachable, experiment_dir, run_exists
-from mlplab.tracking import (
-    MLflowRunLogger,
-    MLflowSaveConfig,
-    RunStatus,
-    log_model,
-    register_model,
-)
+from mlplab.system_metrics import SystemMetrics
+from mlplab.tracking import MLflowRunLogger, MLflowSaveConfig, RunStatus
 
 DESCRIPTION = (
     "Train, evaluate and track networks with Lightning and MLflow. Also: mlplab sweep | baseline "
@@ -145,6 +141,13 @@ class MLPLabCLI(LightningCLI):
             help="fit: evaluate the best checkpoint on the test split, if the data has one",
         )
         parser.add_argument(
+            "--log_system_metrics",
+            type=bool | None,
+            default=None,
+            help="CPU, memory, disk, network, GPU metrics in the run (default: on, unless "
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false)",
+        )
+        parser.add_argument(
             "--num_threads",
             type=int,
             default=1,
@@ -241,7 +244,18 @@ class MLPLabCLI(LightningCLI):
                 run_id=run_id,
                 unwritten=read_checkpoint(checkpoint).get("mlplab_unwritten") if run_id else None,
             )
+            if self.system_metrics_wanted():
+                trainer["callbacks"].append(SystemMetrics())
         return super().instantiate_trainer(**kwargs)
+
+    def system_metrics_wanted(self) -> bool:
+        """`--log_system_metrics`, else MLflow's switch where it is set, else on."""
+        wanted = self.command_config.get("log_system_metrics")
+        if wanted is None:
+            from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as switch
+
+            wanted = switch.get() if switch.defined else True
+        return wanted
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         if config.get("enable_checkpointing") is False:  # the user's word beats our checkpoint
@@ -315,12 +329,12 @@ class MLPLabCLI(LightningCLI):
             )
         )
         logger = trainer.logger
-        if isinstance(logger, MLflowRunLogger):
-            step = read_checkpoint(best)["global_step"] if best else trainer.global_step
-            uri = log_model(logger, model, datamodule, step, best, latest_checkpoint(trainer))
-            if uri is None:
-                return
+        if not isinstance(logger, MLflowRunLogger):
+            return
+        fit = self.config.fit
+        register = (fit.register_model, fit.register_alias) if fit.register_model else None
+        step = read_checkpoint(best)["global_step"] if best else trainer.global_step
+        uri = log_model(logger, model, datamodule, step, best, latest_checkpoint(trainer), register)
+        if uri is not None:
             print(f"mlplab: run {logger.run_id} ({logger.name}), model {uri}")
-            fit = self.config.fit
-            if fit.register_model:
-                register_model(uri, fit.register_model, logger.tracking_uri, fit.register_alias)
+        logger.experiment.settle()

@@ -65,24 +65,22 @@ class LearningCurves(Callback):
             return
         from matplotlib.figure import Figure
 
-        client, run_id = logger.experiment, logger.run_id
-        keys = [
-            k for k in client.get_run(run_id).data.metrics if k.split("/")[0] in ("train", "val")
-        ]
-        panels = sorted({k.split("/", 1)[1] for k in keys})
+        # read back from the store, or while the server is away, what this job logged
+        histories = logger.experiment.metric_histories(("train/", "val/"))
+        panels = sorted({k.split("/", 1)[1] for k in histories})
         if not panels:
             return
-        first = client.get_metric_history(run_id, f"train/{panels[0]}")
-        steps_per_epoch = (first[0].step or 1) if first else 1
+        first = histories.get(f"train/{panels[0]}", [])
+        steps_per_epoch = (first[0][0] or 1) if first else 1
         figure = Figure(figsize=(5 * len(panels), 3.8), layout="constrained")
         for ax, metric in zip(
             figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
         ):
             for stage in ("train", "val"):
-                history = client.get_metric_history(run_id, f"{stage}/{metric}")
+                history = histories.get(f"{stage}/{metric}")
                 if history:
-                    epochs = [m.step / steps_per_epoch for m in history]
-                    ax.plot(epochs, [m.value for m in history], marker=".", label=stage)
+                    epochs = [step / steps_per_epoch for step, _ in history]
+                    ax.plot(epochs, [value for _, value in history], marker=".", label=stage)
             ax.set(xlabel="epoch", ylabel=metric, title=metric)
             ax.grid(alpha=0.3)
             ax.legend()

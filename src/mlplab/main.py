@@ -18,6 +18,7 @@ COMMANDS = {
     "runs": "mlplab.runs",
     "export": "mlplab.export",
     "reproduce": "mlplab.reproduce",
+    "sync": "mlplab.journal",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -37,6 +38,7 @@ mlplab's commands:
   runs       an experiment's runs as a table
   export     a checkpoint as ONNX, checked against it
   reproduce  every seed experiment, written to docs/RESULTS.md
+  sync       send what runs kept while their tracking server was away
 
 `mlplab COMMAND --help` lists a command's options, e.g. `mlplab fit --help`.
 """

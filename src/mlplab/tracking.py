@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mlplab.resume import read_checkpoint
+from mlplab.journal import Journal, RunWriter
 from mlplab.store import (
     check_writable,
     experiment_dir,
@@ -48,12 +47,14 @@ class RunStatus(Callback):
 
 
 class MLflowRunLogger(MLFlowLogger):
-    """Lightning's MLflow logger, with a store laid out for people and one write per epoch.
+    """Lightning's MLflow logger, with a store laid out for people, one write per epoch, and
+    writes that survive a tracking server's outage.
 
-    A local store keeps each run in `<store>/<experiment>/<run_id>/`: `artifacts/` (config,
-    figures, the model) and `checkpoints/` (Lightning's `ModelCheckpoint` finds that folder
-    through `save_dir`/`name`/`version`). Metrics are logged at the global step (optimiser
-    steps), with `epoch` beside them.
+    Each run has a folder `<store>/<experiment>/<run_id>/` (for a server, under `mlruns/`):
+    `checkpoints/` (Lightning's `ModelCheckpoint` finds it through `save_dir`/`name`/`version`),
+    and, for a local store, `artifacts/`; for a server, `journal/`, where every write waits
+    until the server has it (`mlplab.journal`). Metrics are logged at the global step
+    (optimiser steps), with `epoch` beside them.
     """
 
     def __init__(
@@ -84,8 +85,10 @@ class MLflowRunLogger(MLFlowLogger):
             )
         self.tracking_uri = uri
         self.folder = folder_name(experiment_name)
-        self.opened = False  # whether the run exists: `experiment` was touched
+        self.writer: RunWriter | None = None  # set when the run is opened (`experiment`)
+        self.opening = False
         self.store_root = root if root is not None else Path("mlruns")
+        self.local = root is not None
         self.resumed = run_id is not None
         self.named = run_name is not None
         self.unwritten_at_resume = unwritten
@@ -94,21 +97,41 @@ class MLflowRunLogger(MLFlowLogger):
         self._pending_step: int | None = None
 
     @property
+    def opened(self) -> bool:
+        """Whether the run exists: `experiment` was touched."""
+        return self.writer is not None
+
+    @property
     @rank_zero_experiment
-    def experiment(self):
-        """The client; a resumed run is set back to RUNNING when first touched, a new one gets
-        a readable name unique in its experiment."""
-        if self.opened:
+    def experiment(self) -> RunWriter:
+        """The run's writer (MLflow's client for reads). A resumed run first sends what its
+        journal kept and is set back to RUNNING; a new one gets a readable name unique in its
+        experiment."""
+        if self.writer is not None:
+            return self.writer
+        if self.opening:  # Lightning's `run_id` asks for it while the run is being opened
             return super().experiment
+        self.opening = True
+        try:
+            return self.open_run()
+        finally:
+            self.opening = False
+
+    def open_run(self) -> RunWriter:
         with unseeded_random():
             client = super().experiment
-        self.opened = True
+        journal = None
+        if not self.local:
+            folder = Path(self.save_dir) / self.name / self.run_id / "journal"
+            journal = Journal.open(folder, self.tracking_uri, self.run_id)
+        self.writer = RunWriter(client, self.run_id, self.tracking_uri, journal)
         if self.resumed:
-            client.update_run(self.run_id, status="RUNNING")
-            self.write_if_missing(client, self.unwritten_at_resume)
+            self.writer.drain()
+            self.writer.update_run(self.run_id, status="RUNNING")
+            self.write_if_missing(self.unwritten_at_resume)
         elif not self.named:
             self.make_name_unique(client)
-        return client
+        return self.writer
 
     def unwritten(self, trainer: Trainer) -> dict:
         """The epoch's metrics at its end, before Lightning hands them over: the validation
@@ -121,12 +144,12 @@ class MLflowRunLogger(MLFlowLogger):
         metrics["epoch"] = float(trainer.current_epoch)
         return {"step": step, "metrics": metrics}
 
-    def write_if_missing(self, client, unwritten: dict | None) -> None:
+    def write_if_missing(self, unwritten: dict | None) -> None:
         """A job killed between its checkpoint and its MLflow write: write that epoch now."""
-        if not unwritten:
+        if not unwritten or self.writer.away:
             return
-        steps = {m.step for m in client.get_metric_history(self.run_id, "epoch")}
-        if unwritten["step"] not in steps:
+        history = self.writer.client.get_metric_history(self.run_id, "epoch")
+        if unwritten["step"] not in {m.step for m in history}:
             super().log_metrics(unwritten["metrics"], step=unwritten["step"])
 
     def make_name_unique(self, client) -> None:
@@ -137,13 +160,20 @@ class MLflowRunLogger(MLFlowLogger):
             [run.info.experiment_id], f"attributes.run_name = '{name}'", max_results=2
         )
         if len(same) > 1:
-            client.update_run(self.run_id, name=f"{name}-{self.run_id[:6]}")
+            self.writer.update_run(self.run_id, name=f"{name}-{self.run_id[:6]}")
 
+    @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """As Lightning's, but an interrupted run ends KILLED and a failed one says why."""
+        """As Lightning's, but an interrupted run ends KILLED, a failed one says why, and the
+        status goes through the writer (a journaled run keeps it while the server is away)."""
+        if not self.opened:
+            return
         reason = None
-        if status == "failed" and self.failure is not None and self.opened:
+        if status == "failed" and self.failure is not None:
             status, reason = self.failure
+        status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(
+            status, status
+        )
         try:
             self._finalize(status, reason)
         except Exception:  # noqa: BLE001
@@ -155,14 +185,15 @@ class MLflowRunLogger(MLFlowLogger):
                 raise
             engine.dispose()
             self._finalize(status, reason)
+        self.writer.settle()
 
     def _finalize(self, status: str, reason: str | None) -> None:
         if status == "KILLED":  # an interrupted epoch's validation: rerun and recorded on resume
             self._pending = {}
         self.flush()
         if reason is not None:
-            self.experiment.set_tag(self.run_id, "mlplab.failure", reason[:5000])
-        super().finalize(status)
+            self.writer.set_tag(self.run_id, "mlplab.failure", reason[:5000])
+        self.writer.set_terminated(self.run_id, status)
 
     @property
     def save_dir(self) -> str:
@@ -313,121 +344,3 @@ def log_datasets(logger: MLflowRunLogger, datamodule) -> None:
         context = InputTag("mlflow.data.context", split)
         inputs.append(DatasetInput(Dataset(**dataset.to_dict()), tags=[context]))
     logger.experiment.log_inputs(logger.run_id, datasets=inputs)
-
-
-def input_example(datamodule, rows: int = 5) -> torch.Tensor:
-    """A few raw training inputs: the logged model's example and the source of its signature."""
-    data = getattr(datamodule, "data", None)
-    if isinstance(data, dict) and "train" in data:
-        return data["train"][0][:rows]
-    batch = next(iter(datamodule.train_dataloader()))
-    return (batch[0] if isinstance(batch, list | tuple) else batch)[:rows]
-
-
-def log_model(
-    logger: MLflowRunLogger,
-    module,
-    datamodule,
-    step: int = 0,
-    best: str = "",
-    latest: str = "",
-) -> str | None:
-    """Log the module as an MLflow PyTorch model with signature and input example: its
-    `inference_module()` if it has one (raw inputs in, the task's outputs out), else itself.
-
-    `step` is the global step of the checkpoint the weights come from (`best`), so the logged
-    model carries that epoch's metrics, and the run's test metrics beside them. The `latest`
-    checkpoint, when it is another file, is recorded as an external logged model (the
-    checkpoint is its artifact), so both are found with `mlflow.search_logged_models`.
-
-    Returns the model's URI (`models:/<model_id>`; `runs:/<run_id>/model` loads it too), or
-    None, having said why, when the module cannot predict on its own training inputs.
-    """
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.entities import LoggedModelOutput
-    from mlflow.models import infer_signature
-
-    if hasattr(module, "inference_module"):
-        inference = module.inference_module()
-    else:
-        inference = copy.deepcopy(module).cpu().eval()
-    example = input_example(datamodule).cpu().float()
-    try:
-        with torch.no_grad():
-            output = inference(example)
-    except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported
-        print(
-            f"mlplab: the model was not logged: {type(module).__name__}(x) fails on 5 training "
-            f"inputs ({type(err).__name__}: {str(err).splitlines()[0][:120]}); give the module "
-            "a forward or an inference_module() that takes its raw inputs",
-            file=sys.stderr,
-        )
-        return None
-    example, output = example.numpy(), torch.as_tensor(output).numpy()
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    mlflow.set_tracking_uri(logger.tracking_uri)
-    client, run_id = logger.experiment, logger.run_id
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            inference,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=requirements,
-            serialization_format="pt2",  # torch.export: loads and serves without mlplab's code
-            step=step,  # MLflow links the run's metrics at this step to the model
-            tags={"mlplab.checkpoint": "best", "mlplab.checkpoint_path": best},
-        )
-        link_metrics(client, run_id, info.model_id, prefix="test/")
-        if latest and latest != best:
-            latest_step = read_checkpoint(latest)["global_step"]
-            external = mlflow.create_external_model(
-                name="last",
-                source_run_id=run_id,
-                tags={"mlplab.checkpoint": "last", "mlplab.checkpoint_path": latest},
-            )
-            client.log_outputs(run_id, [LoggedModelOutput(external.model_id, step=latest_step)])
-            link_metrics(client, run_id, external.model_id, step=latest_step)
-    return info.model_uri
-
-
-def link_metrics(client, run_id: str, model_id: str, step: int | None = None,
-                 prefix: str = "") -> None:  # fmt: skip
-    """Attach run metrics to a logged model, as `log_model(step=...)` does: the points at
-    `step`, or the newest point of each metric named with `prefix`."""
-    from mlflow.entities import Metric
-
-    points = []
-    for key in client.get_run(run_id).data.metrics:
-        if not key.startswith(prefix):
-            continue
-        history = client.get_metric_history(run_id, key)
-        chosen = [m for m in history if m.step == step] if step is not None else history[-1:]
-        points += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in chosen]
-    if points:
-        client.log_batch(run_id, metrics=points)
-
-
-def register_model(
-    model_uri: str, name: str, tracking_uri: str | None = None, alias: str | None = None
-) -> str:
-    """Register a logged model in the Model Registry, pointing `alias` (e.g. `candidate`) at
-    the new version; returns `models:/<name>/<version>`."""
-    import logging
-
-    import mlflow
-
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    # MLflow announces each registration on this logger (a name, not an attribute: logging's
-    # public API); mlplab prints its own line below
-    logging.getLogger("mlflow.tracking._model_registry.client").setLevel(logging.WARNING)
-    version = mlflow.register_model(model_uri, name)
-    uri = f"models:/{name}/{version.version}"
-    if alias:
-        mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
-        uri_alias = f" and models:/{name}@{alias}"
-    else:
-        uri_alias = ""
-    print(f"mlplab: registered {model_uri} as {uri}{uri_alias}")
-    return uri
