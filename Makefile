@@ -6,7 +6,7 @@ CONFIG ?= configs/xor.yaml
 STORE  ?= sqlite:///mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all reproduce bench lint ui clean
+.PHONY: help install train test test-all reproduce bench lint ui server clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ lint: $(STAMP) ## ruff over the sources, tests and benchmark
 
 ui: $(STAMP) ## the MLflow UI on the project's store, at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000
+
+server: $(STAMP) ## a tracking server as clusters run one (PostgreSQL if installed, else SQLite), port 5000
+	$(BIN)/mlplab server --port 5000
 
 clean: ## remove the venv and caches (the runs in mlruns/ stay)
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mlplab.server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
@@ -91,12 +93,6 @@ def pytest_configure(config):
 def real_data(folder: str = "MNIST") -> bool:
     root = os.environ.get("MLPLAB_DATA_DIR")
     return bool(root) and (Path(root) / folder / "raw" / "train-images-idx3-ubyte").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

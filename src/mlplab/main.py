@@ -19,6 +19,7 @@ COMMANDS = {
     "export": "mlplab.export",
     "reproduce": "mlplab.reproduce",
     "sync": "mlplab.journal",
+    "server": "mlplab.server",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -39,6 +40,7 @@ mlplab's commands:
   export     a checkpoint as ONNX, checked against it
   reproduce  every seed experiment, written to docs/RESULTS.md
   sync       send what runs kept while their tracking server was away
+  server     an MLflow tracking server on loopback (PostgreSQL or SQLite)
 
 `mlplab COMMAND --help` lists a command's options, e.g. `mlplab fit --help`.
 """
@@ -95,10 +97,11 @@ def main(args: list[str] | None = None) -> None:
     if argv[0] not in (*COMMANDS, *LIGHTNING_COMMANDS):
         sys.exit(f"mlplab: error: unknown command {argv[0]!r}; `mlplab --help` lists them")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # an unreachable tracking server fails in seconds, not after MLflow's minutes of retries
+    # an unreachable tracking server fails in seconds, not after MLflow's minutes of retries;
+    # a slow one (a busy shared server) gets a minute an answer
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     try:
         _quiet()
         from mlplab.errors import UserError

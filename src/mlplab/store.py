@@ -74,13 +74,21 @@ def check_reachable(tracking_uri: str | None) -> None:
 
 def ensure_experiment(client, name: str, tracking_uri: str) -> str:
     """The experiment's id, creating it laid out as `MLflowLogger` lays out a local store
-    (`<store>/<experiment>/`), whoever creates it first (fit, sweep or baseline)."""
+    (`<store>/<experiment>/`), whoever creates it first (fit, sweep or baseline; jobs starting
+    together on a server race to create it: the losers take the winner's)."""
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     root = local_store_root(tracking_uri)
     location = experiment_dir(name, tracking_uri).resolve().as_uri() if root else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def experiment_dir(experiment_name: str, tracking_uri: str | None = None) -> Path:

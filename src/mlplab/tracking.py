@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlplab.journal import Journal, RunWriter
 from mlplab.store import (
     check_writable,
+    ensure_experiment,
     experiment_dir,
     folder_name,
     local_store_root,
@@ -84,6 +85,7 @@ class MLflowRunLogger(MLFlowLogger):
                 run_id=run_id,
             )
         self.tracking_uri = uri
+        self.experiment_name = experiment_name
         self.folder = folder_name(experiment_name)
         self.writer: RunWriter | None = None  # set when the run is opened (`experiment`)
         self.opening = False
@@ -118,6 +120,11 @@ class MLflowRunLogger(MLFlowLogger):
             self.opening = False
 
     def open_run(self) -> RunWriter:
+        if not self.resumed:  # Lightning's own creation fails for all but one of a crowd
+            from mlflow import MlflowClient
+
+            ensure_experiment(MlflowClient(self.tracking_uri), self.experiment_name,
+                              self.tracking_uri)  # fmt: skip
         with unseeded_random():
             client = super().experiment
         journal = None
