@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -20,7 +21,7 @@ from mlplab.server import PostgreSQL, free_port
 BACKENDS = [
     pytest.param("postgresql", marks=pytest.mark.skipif(
         PostgreSQL.available() is not None, reason=str(PostgreSQL.available()))),
-    "sqlite",
+    pytest.param("sqlite", marks=pytest.mark.slow),  # CI: the outage tests' servers use SQLite
 ]  # fmt: skip
 
 
@@ -69,9 +70,15 @@ def test_server_records_runs_and_proxies_artifacts(backend, server_root, tmp_pat
         assert result.returncode == 0, result.stderr[-3000:]
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("xor").experiment_id])
-        assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id) == [0, 1]
-        # artifacts went through the server into its folder, not to the client's disk
+        run_id = run.info.run_id
+        assert run.info.status == "FINISHED" and epochs_logged(client, run_id) == [0, 1]
+        # artifacts and the model went through the server into its folder; the checkpoints
+        # stay with the job, and nothing went to a local store
         assert list((server_root / "artifacts").rglob("config.yaml"))
+        mlflow.set_tracking_uri(uri)
+        assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model").metadata.run_id == run_id
+        assert (tmp_path / "mlruns" / "xor" / run_id / "checkpoints" / "last.ckpt").is_file()
+        assert not (tmp_path / "mlruns" / "mlflow.db").exists()
     finally:
         stop_server(process)
     database = server_root / ("pgdata" if backend == "postgresql" else "mlflow.db")

@@ -1,9 +1,8 @@
 from pathlib import Path
 
-import mlflow
 import pytest
 
-from conftest import config, run_mlplab
+from conftest import config
 from mlplab.store import DEFAULT_TRACKING_URI, local_store_root, resolve_tracking_uri
 from mlplab.tracking import flatten_config
 
@@ -48,25 +47,6 @@ def test_flatten_config_folds_class_path_and_init_args():
         "model.optimizer.momentum": 0.9,
         "trainer.max_epochs": 3,
     }
-
-
-def test_runs_land_on_a_tracking_server(tmp_path, tracking_server):
-    """MLFLOW_TRACKING_URI pointing at `mlflow server` on loopback: the run, its metrics and
-    its model are on the server; checkpoints stay local under mlruns/."""
-    uri = tracking_server.uri
-    work = tmp_path / "work"
-    work.mkdir()
-    result = run_mlplab(
-        "fit", "--config", config("xor"), "--trainer.max_epochs", "3",
-        cwd=work, env={"MLFLOW_TRACKING_URI": uri},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    mlflow.set_tracking_uri(uri)
-    (run,) = mlflow.search_runs(experiment_names=["xor"], output_format="list")
-    assert run.data.metrics["test/acc"] >= 0.0 and "val/loss" in run.data.metrics
-    assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
-    assert (work / "mlruns" / "xor" / run.info.run_id / "checkpoints" / "last.ckpt").is_file()
-    assert not (work / "mlruns" / "mlflow.db").exists()  # nothing went to the local store
 
 
 def test_an_epoch_is_one_metric_write_and_nothing_is_held_back(tmp_path, monkeypatch):

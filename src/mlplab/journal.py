@@ -179,6 +179,11 @@ class RunWriter:
     def __getattr__(self, name: str):
         return getattr(self.client, name)
 
+    def __deepcopy__(self, memo) -> RunWriter:
+        """A handle on the run, shared by copies (SWA and EMA deep-copy the module and what it
+        reaches, the trainer's logger included)."""
+        return self
+
     # -- the writes Lightning's logger and mlplab make ------------------------------------------
     def log_batch(self, run_id: str, metrics=(), params=(), tags=(), **_) -> None:
         for m in metrics:

@@ -213,7 +213,7 @@ def main(argv: list[str]) -> None:
     sweep = Sweep(configs, grid, metric, mode, extra, experiment, name, args.tracking_uri)
     result = sweep.run(args.workers)
     if args.register_model and result["best"] is not None:
-        from mlplab.tracking import register_model
+        from mlplab.logged_models import register_model
 
         register_model(f"runs:/{result['best'].info.run_id}/model", args.register_model, sweep.uri)
     if result["failed"]:

@@ -35,6 +35,10 @@ class SystemMetrics(Callback):
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
+    def __deepcopy__(self, memo) -> SystemMetrics:
+        """One sampler per run, shared by copies (see `RunWriter.__deepcopy__`)."""
+        return self
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         logger = trainer.logger
         if not isinstance(logger, MLflowRunLogger) or not trainer.is_global_zero:
