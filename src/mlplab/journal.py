@@ -65,7 +65,7 @@ class Journal:
         journal = cls(folder)
         if not journal.path.exists():
             journal.folder.mkdir(parents=True, exist_ok=True)
-            journal._write([{"journal": 1, "tracking_uri": tracking_uri, "run_id": run_id}])
+            journal.write_lines([{"journal": 1, "tracking_uri": tracking_uri, "run_id": run_id}])
         return journal
 
     @contextlib.contextmanager
@@ -77,7 +77,7 @@ class Journal:
             finally:
                 fcntl.flock(file, fcntl.LOCK_UN)
 
-    def _write(self, lines: list[dict], file=None) -> None:
+    def write_lines(self, lines: list[dict], file=None) -> None:
         with contextlib.nullcontext(file) if file else self._locked() as out:
             out.write("".join(json.dumps(line) + "\n" for line in lines))
             out.flush()
@@ -99,7 +99,7 @@ class Journal:
         """Add a record; returns its number."""
         with self._locked() as file:
             seq = sum("op" in line for line in self._lines(file)) + 1
-            self._write([{"seq": seq, **record}], file)
+            self.write_lines([{"seq": seq, **record}], file)
         return seq
 
     def staged(self, name: str) -> Path:
@@ -108,22 +108,18 @@ class Journal:
         folder.mkdir(parents=True)
         return folder / name
 
-    def result(self, seq: int):
-        with self._locked() as file:
-            return next((line.get("result") for line in self._lines(file)
-                         if line.get("sent") == seq), None)  # fmt: skip
-
-    def replay(self, send) -> int:
-        """Send the records not yet marked, in order, marking each; returns how many. An error
-        stops the replay (the rest wait for the next) and is raised."""
+    def replay(self, send) -> dict[int, object]:
+        """Send the records not yet marked, in order, marking each; returns what each made, by
+        number. An error stops the replay (the rest wait for the next) and is raised."""
         with self._locked() as file:
             lines = self._lines(file)
             sent = {line["sent"] for line in lines if "sent" in line}
             pending = [line for line in lines if "op" in line and line["seq"] not in sent]
+            results = {}
             for record in pending:
-                result = send(record)
-                self._write([{"sent": record["seq"], "result": result}], file)
-            return len(pending)
+                results[record["seq"]] = send(record)
+                self.write_lines([{"sent": record["seq"], "result": results[record["seq"]]}], file)
+            return results
 
 
 def apply(client, run_id: str, record: dict, folder: Path, tracking_uri: str):
@@ -257,19 +253,19 @@ class RunWriter:
             if self.journal is None:
                 return apply(self.client, self.run_id, record, Path("/"), self.tracking_uri)
             seq = self.journal.append(record)
-            self.drain()
-            return None if self.away else self.journal.result(seq)
+            return self.drain().get(seq)
 
-    def drain(self, force: bool = False) -> None:
-        """Send what the journal holds, unless the server is away and was asked lately."""
+    def drain(self, force: bool = False) -> dict:
+        """Send what the journal holds, unless the server is away and was asked lately;
+        returns what each record sent made, by number."""
         if self.journal is None:
-            return
+            return {}
         with self.lock:
             if self.away and not force and time.monotonic() < self.next_try:
-                return
+                return {}
             if self.away and not self.answers():
                 self.next_try = time.monotonic() + RETRY_SECONDS
-                return
+                return {}
             try:
                 sent = self.journal.replay(self.send)
             except Exception as err:
@@ -283,13 +279,12 @@ class RunWriter:
                         file=sys.stderr,
                     )
                 self.away, self.next_try = True, time.monotonic() + RETRY_SECONDS
-                return
+                return {}
             if self.away:
-                print(
-                    f"mlplab: tracking server {self.tracking_uri} is back: {sent} records sent",
-                    file=sys.stderr,
-                )
+                back = f"is back: {len(sent)} records sent"
+                print(f"mlplab: tracking server {self.tracking_uri} {back}", file=sys.stderr)
                 self.away, self.said_kept = False, False
+            return sent
 
     def send(self, record: dict):
         return apply(self.client, self.run_id, record, self.journal.folder, self.tracking_uri)
@@ -368,7 +363,7 @@ def main(argv: list[str]) -> None:
         uri, run_id = args.tracking_uri or header["tracking_uri"], header["run_id"]
         check_reachable(uri)
         try:
-            sent = send_all(journal, uri, run_id)
+            sent = len(send_all(journal, uri, run_id))
         except Exception as err:
             if not is_outage(err):
                 raise
@@ -378,7 +373,7 @@ def main(argv: list[str]) -> None:
         print(f"mlplab sync: run {run_id}: {done}")
 
 
-def send_all(journal: Journal, uri: str, run_id: str) -> int:
+def send_all(journal: Journal, uri: str, run_id: str) -> dict:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)

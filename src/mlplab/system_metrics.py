@@ -13,6 +13,7 @@ false`).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -88,4 +89,4 @@ class SystemMetrics(Callback):
         try:
             self.writer.log_batch(self.writer.run_id, metrics=points)
         except Exception as err:  # noqa: BLE001 - a sample is never worth a failed fit
-            print(f"mlplab: system metrics not logged ({err})")
+            print(f"mlplab: system metrics not logged ({err})", file=sys.stderr)
