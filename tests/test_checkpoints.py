@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -49,8 +49,10 @@ def test_predict_needs_only_the_checkpoint(xor_checkpoint, tmp_path, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     main(["predict", "--ckpt_path", str(best)])
-    predicted = np.loadtxt(tmp_path / "predictions.csv", delimiter=",", skiprows=1)
-    assert (predicted > 0.5).astype(int).tolist() == [0, 1, 1, 0]
+    predicted = pd.read_csv(tmp_path / "predictions.csv")
+    assert list(predicted.columns) == ["predicted", "prob_0", "prob_1"]
+    assert predicted["predicted"].tolist() == [0, 1, 1, 0]
+    assert ((predicted["prob_1"] > 0.5).astype(int) == predicted["predicted"]).all()
 
 
 def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(xor_checkpoint, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -44,6 +45,10 @@ def test_every_config_runs_fit_with_fast_dev_run(path, store):
         named = [spec["config"], *spec["grid"].get("config", [])]
         assert all((ROOT / name).is_file() for name in named), named
         return
+    if path.parent.name == "examples":  # the user's-own-data examples: their data written here
+        from mlplab.data.examples import write_examples
+
+        write_examples(Path.cwd())
     if path.parent.name == "mnist_optimizers":  # overrides of the seed model: used on top of it
         configs = ["--config", config("mnist"), *configs]
     text = path.read_text() + (ROOT / "configs" / "mnist.yaml").read_text() * (len(configs) > 2)
@@ -184,8 +189,9 @@ def test_predict_from_the_mlflow_model_and_from_the_checkpoint(xor_run, tmp_path
         main(
             ["predict", "--model", source, "--input", str(tmp_path / "x.csv"), "--output", str(out)]
         )
-        predicted = np.loadtxt(out, delimiter=",", skiprows=1)
-        assert (predicted > 0.5).astype(int).tolist() == [0, 1, 1, 0]
+        predicted = pd.read_csv(out)
+        assert list(predicted.columns) == ["predicted", "prob_0", "prob_1"], source
+        assert predicted["predicted"].tolist() == [0, 1, 1, 0]
 
 
 def test_predict_subcommand_with_a_config_writes_the_test_split_predictions(
@@ -195,8 +201,9 @@ def test_predict_subcommand_with_a_config_writes_the_test_split_predictions(
     monkeypatch.chdir(tmp_path)
     best = next((tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt"))
     main(["predict", "--config", config("xor"), "--ckpt_path", str(best)])
-    predicted = np.loadtxt(tmp_path / "predictions.csv", delimiter=",", skiprows=1)
-    assert (predicted > 0.5).astype(int).tolist() == [0, 1, 1, 0]
+    predicted = pd.read_csv(tmp_path / "predictions.csv")
+    assert predicted["predicted"].tolist() == [0, 1, 1, 0]
+    assert (predicted["prob_1"] > 0.5).astype(int).tolist() == [0, 1, 1, 0]
 
 
 @pytest.mark.parametrize(

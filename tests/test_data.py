@@ -12,7 +12,7 @@ from mlplab.data import (
     MoonsDataModule,
     XORDataModule,
 )
-from mlplab.data.base import TensorPairDataset, _batch_as_is
+from mlplab.data.base import TensorsDataset, _batch_as_is
 
 
 def ready(dm):
@@ -96,7 +96,7 @@ def test_batched_fetch_gives_the_same_batches_as_per_sample_collate():
     """The fast path (one index per batch) yields what the textbook DataLoader yields."""
     x, y = torch.randn(103, 5), torch.randint(0, 3, (103,))
     fast = DataLoader(
-        TensorPairDataset(x, y),
+        TensorsDataset(x, y),
         batch_size=16,
         shuffle=True,
         collate_fn=_batch_as_is,

@@ -11,6 +11,7 @@ from functools import partial
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -135,7 +136,7 @@ def test_last_is_the_latest_epoch_and_resuming_from_it_logs_each_epoch_once(tmp_
                            env={"MLFLOW_TRACKING_URI": store_uri(tmp_path)})  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     header, *rows = predicted.stdout.strip().splitlines()
-    assert header.startswith("output_0,") and len(rows) == 3  # probabilities of 10 digits
+    assert header.startswith("predicted,prob_0,") and len(rows) == 3  # the digit, 10 probabilities
     run_in_store(tmp_path, *digits, "--trainer.max_epochs", "35", "--ckpt_path", "last")
     client, (run,) = experiment_runs(store_uri(tmp_path), "digits")
     assert history(client, run.info.run_id) == list(range(35))
@@ -352,7 +353,8 @@ def test_predict_never_crashes_on_malformed_input(tmp_path, xor_checkpoint, caps
             assert err.startswith("mlplab predict: error: ") and err.count("\n") == 1, (name, err)
             continue
         capsys.readouterr()
-        predictions = np.loadtxt(output, delimiter=",", skiprows=1, ndmin=2)
-        assert predictions.shape[1] == 1 and np.isfinite(predictions).all(), name
+        predictions = pd.read_csv(output)
+        assert list(predictions.columns) == ["predicted", "prob_0", "prob_1"], name
+        assert np.isfinite(predictions[["prob_0", "prob_1"]].to_numpy()).all(), name
         assert 0 < len(predictions) <= content.count(b"\n") + 1, name
     assert torch.load(xor_checkpoint, weights_only=False)["state_dict"]  # left as it was

@@ -48,7 +48,7 @@ def run_baseline(config) -> tuple[str, dict[str, float]]:
     init = parser().instantiate_classes(config)
     data: ArrayDataModule = init.data
     data.setup()
-    splits = {k: (x.flatten(1).numpy(), y.numpy()) for k, (x, y) in data.data.items()}
+    splits = {k: (x.flatten(1).numpy(), y.numpy()) for k, (x, y, *_) in data.data.items()}
     # a single regression target as a 1-D vector, as scikit-learn expects
     splits = {k: (x, y.ravel() if y.ndim > 1 and y.shape[1] == 1 else y)
               for k, (x, y) in splits.items()}  # fmt: skip

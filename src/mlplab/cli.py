@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from mlplab.checkpoints import Checkpoint, latest_checkpoint
 from mlplab.errors import UserError
 from mlplab.logged_models import log_model
+from mlplab.models.tasks import Regressor
 from mlplab.predict import PredictionWriter
 from mlplab.resume import (
     check_fits,
@@ -189,8 +190,11 @@ class MLPLabCLI(LightningCLI):
             chain = [err]
             while chain[-1].__cause__ is not None:
                 chain.append(chain[-1].__cause__)
+            mistakes = [e for e in chain if isinstance(e, UserError)]
+            if mistakes:  # the class said what is wrong: that line alone
+                raise mistakes[0] from None
             named = [str(e) for e in chain if "Problem with given class_path" in str(e)]
-            if not named or isinstance(chain[-1], UserError):
+            if not named:
                 raise
             class_path = named[-1].split("'")[1]
             reason = str(chain[-1]).strip().splitlines()[0]
@@ -212,6 +216,7 @@ class MLPLabCLI(LightningCLI):
             torch.set_num_threads(threads)
 
     def instantiate_trainer(self, **kwargs):
+        self.check_task_fits_data()
         config = self.command_config
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = [RunStatus()]
@@ -247,6 +252,18 @@ class MLPLabCLI(LightningCLI):
             if self.system_metrics_wanted():
                 trainer["callbacks"].append(SystemMetrics())
         return super().instantiate_trainer(**kwargs)
+
+    def check_task_fits_data(self) -> None:
+        """A regressor on classes is one line before anything runs (a classifier on regression
+        data has no num_classes to link, which `Classifier` says itself)."""
+        data = self.datamodule
+        if isinstance(self.model, Regressor) and hasattr(data, "num_classes"):
+            if not hasattr(data, "num_targets"):
+                raise UserError(
+                    f"{type(data).__name__} holds classes ({data.num_classes}), not numeric "
+                    "targets: use mlplab.models.Classifier as the model (for a table, or set "
+                    "data.task: regression)"
+                )
 
     def system_metrics_wanted(self) -> bool:
         """`--log_system_metrics`, else MLflow's switch where it is set, else on."""

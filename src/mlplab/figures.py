@@ -41,13 +41,16 @@ class SampleImages(Callback):
             return
         from matplotlib.figure import Figure
 
-        x, y = trainer.datamodule.data["train"]
+        x, y = trainer.datamodule.data["train"][:2]
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[: self.n]
         names = _class_names(trainer.datamodule, int(y.max()) + 1)
         side = math.ceil(math.sqrt(len(pick)))
         figure = Figure(figsize=(1.3 * side, 1.5 * side), layout="constrained")
         for ax, i in zip(figure.subplots(side, side).flat, pick.tolist(), strict=False):
-            ax.imshow(x[i].reshape(shape).numpy(), cmap="gray_r")
+            image = x[i].reshape(shape)  # (H, W), or (C, H, W) for colour
+            if image.ndim == 3:
+                image = image.permute(1, 2, 0).squeeze(2)
+            ax.imshow(image.numpy(), cmap="gray_r" if image.ndim == 2 else None)
             ax.set_title(names[int(y[i])], fontsize=9)
         for ax in figure.axes:
             ax.set_axis_off()
@@ -100,7 +103,7 @@ class ConfusionMatrix(Callback):
         from matplotlib.figure import Figure
         from sklearn.metrics import ConfusionMatrixDisplay
 
-        x, y = datamodule.data["test"]
+        x, y = datamodule.data["test"][:2]
         training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
@@ -133,7 +136,7 @@ class DecisionBoundary(Callback):
             return
         from matplotlib.figure import Figure
 
-        x, y = trainer.datamodule.data["train"]
+        x, y = trainer.datamodule.data["train"][:2]
         lo, hi = x.min(0).values - self.margin, x.max(0).values + self.margin
         g0, g1 = torch.meshgrid(
             torch.linspace(lo[0], hi[0], self.resolution),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mlplab.data.base import described_outputs
 from mlplab.resume import read_checkpoint
 from mlplab.store import resolve_tracking_uri
 
@@ -67,16 +68,21 @@ def log_model(
         return None
     example, output = example.numpy(), torch.as_tensor(output).numpy()
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+    outputs = described_outputs(datamodule, module)
     writer = logger.experiment
     with writer.staged("model") as path:
-        mlflow.pytorch.save_model(
-            inference,
-            path,
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=requirements,
-            serialization_format="pt2",  # torch.export: loads and serves without mlplab's code
-        )
+        if outputs["encoding"] is None:
+            mlflow.pytorch.save_model(
+                inference,
+                path,
+                signature=infer_signature(example, output),
+                input_example=example,
+                pip_requirements=requirements,
+                serialization_format="pt2",  # torch.export: loads and serves without mlplab
+                metadata={"mlplab": {k: v for k, v in outputs.items() if v is not None}},
+            )
+        else:
+            save_column_model(inference, example, output, datamodule, path, requirements)
         return writer.log_model(
             path,
             step=step,
@@ -84,6 +90,39 @@ def log_model(
             latest=latest if latest != best else "",
             latest_step=read_checkpoint(latest)["global_step"] if latest else 0,
             register=list(register) if register else None,
+        )
+
+
+def save_column_model(inference, example, output, datamodule, path: Path,
+                      requirements: list[str]) -> None:  # fmt: skip
+    """A table-trained task as `mlplab.columns.ColumnModel`: raw named columns in (the
+    signature lists them), the class by name and its probabilities, or named targets, out."""
+    import tempfile
+
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from mlplab import columns
+
+    encoding = datamodule.encoding
+    rows = datamodule.example
+    requirements = [*requirements, f"pandas=={pd.__version__}"]
+    with tempfile.TemporaryDirectory() as folder:
+        network = Path(folder) / "network"
+        mlflow.pytorch.save_model(
+            inference, network, signature=infer_signature(example, output),
+            input_example=example, pip_requirements=requirements, serialization_format="pt2",
+        )  # fmt: skip
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=columns.__file__,  # a model from code: MLflow runs the file to load it
+            artifacts={"network": str(network)},
+            model_config=encoding.to_dict(),
+            signature=infer_signature(rows, encoding.decode(output)),
+            input_example=rows,
+            pip_requirements=requirements,
         )
 
 
@@ -101,7 +140,7 @@ class SavedModel:
         shutil.copytree(self.path, path)
         saved = Model.load(str(self.path))
         for field in ("flavors", "signature", "saved_input_example_info", "mlflow_version",
-                      "model_size_bytes", "utc_time_created"):  # fmt: skip
+                      "metadata", "model_size_bytes", "utc_time_created"):  # fmt: skip
             setattr(mlflow_model, field, getattr(saved, field))
         mlflow_model.save(str(Path(path) / "MLmodel"))
 

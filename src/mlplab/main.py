@@ -96,6 +96,10 @@ def main(args: list[str] | None = None) -> None:
         return
     if argv[0] not in (*COMMANDS, *LIGHTNING_COMMANDS):
         sys.exit(f"mlplab: error: unknown command {argv[0]!r}; `mlplab --help` lists them")
+    # a datamodule or network in the working directory imports by `class_path`, as it does
+    # with `python -m mlplab` (appended: it cannot shadow an installed package)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # an unreachable tracking server fails in seconds, not after MLflow's minutes of retries;
     # a slow one (a busy shared server) gets a minute an answer

@@ -2,7 +2,9 @@
 
 `mlplab predict --model MODEL --input FILE [--output FILE]` loads MODEL (a Lightning checkpoint,
 or an MLflow model URI such as `runs:/<id>/model` or `models:/<name>/<version>`), reads raw
-features from FILE (CSV with or without a header, or NPY) and writes the model's outputs.
+inputs from FILE (CSV with or without a header, or NPY; a table with named columns for a model
+trained on one) and writes named columns: a classifier's predicted class and each class's
+probability, a regressor's targets.
 """
 
 from __future__ import annotations
@@ -10,18 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from mlplab.columns import named_outputs
+from mlplab.data.base import described_outputs
 from mlplab.errors import UserError
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write everything `trainer.predict` returns to one CSV file."""
+    """Write everything `trainer.predict` returns to one CSV file, as named columns: a
+    classifier's predicted class (by name where the data names its classes) and each class's
+    probability, a regressor's targets by name."""
 
     def __init__(self, path: str = "predictions.csv") -> None:
         super().__init__(write_interval="epoch")
@@ -29,7 +35,8 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         outputs = torch.cat([torch.as_tensor(p) for p in predictions]).flatten(1).cpu().numpy()
-        write_array(outputs, self.path)
+        names = described_outputs(trainer.datamodule, pl_module)
+        write_frame(named_outputs(outputs, names["class_names"], names["target_names"]), self.path)
         print(f"mlplab: wrote {len(outputs)} predictions to {self.path}")
 
 
@@ -48,8 +55,6 @@ def read_features(path: Path) -> np.ndarray:
         if x.ndim == 0:
             raise UserError(f"{path} holds a single number; one row of features per sample")
     else:
-        import pandas as pd
-
         try:
             frame = pd.read_csv(path, header=None)
         except pd.errors.EmptyDataError:
@@ -83,24 +88,43 @@ def read_features(path: Path) -> np.ndarray:
 def _is_numeric_row(row) -> bool:
     """False for a header: some cell is text that is not a number (an empty or `nan` cell is a
     missing number, reported as such, not a header)."""
-    import pandas as pd
-
     return not (pd.to_numeric(row, errors="coerce").isna() & row.notna()).any()
 
 
-def write_array(outputs: np.ndarray, path: Path | None) -> None:
-    """CSV (one row per input, `output_0..`) or NPY by the file's suffix; CSV to stdout if None."""
+def read_rows(path: Path) -> pd.DataFrame:
+    """Raw rows with named columns (a header row), in any table format mlplab reads."""
+    from mlplab.data.table import read_table
+
+    if not path.is_file():
+        raise UserError(f"input file {path} does not exist (or is not a file)")
+    try:
+        return read_table(path)
+    except UserError as err:
+        raise UserError(str(err).replace("a header row and the data rows", "rows")) from None
+
+
+def write_frame(frame: pd.DataFrame, path: Path | None) -> None:
+    """CSV (stdout if None), Parquet, or NPY (the numeric columns) by the file's suffix."""
     if path is not None and path.suffix == ".npy":
-        np.save(path, outputs)
-        return
-    header = ",".join(f"output_{i}" for i in range(outputs.shape[1]))
-    target = sys.stdout if path is None else path
-    np.savetxt(target, outputs, delimiter=",", header=header, comments="", fmt="%.6g")
+        np.save(path, frame.select_dtypes("number").to_numpy())
+    elif path is not None and path.suffix in (".parquet", ".pq"):
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(sys.stdout if path is None else path, index=False, float_format="%.6g")
 
 
-def load_predictor(ref: str) -> tuple[Callable[[np.ndarray], np.ndarray], int | None]:
-    """A function from raw features (N, F) to outputs, and F, for a checkpoint or MLflow URI."""
-    if ref.endswith(".ckpt") or Path(ref).is_file():
+class Predictor:
+    """Raw input file in, named output columns out, for a checkpoint or an MLflow model: a
+    table's model takes named columns, the others rows of numbers."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref, self.encoding, self.names, self.width = ref, None, {}, None
+        if ref.endswith(".ckpt") or Path(ref).is_file():
+            self.load_checkpoint(ref)
+        else:
+            self.load_mlflow_model(ref)
+
+    def load_checkpoint(self, ref: str) -> None:
         if not Path(ref).is_file():
             raise UserError(f"checkpoint {ref} does not exist")
         from mlplab.models.tasks import Task
@@ -111,39 +135,73 @@ def load_predictor(ref: str) -> tuple[Callable[[np.ndarray], np.ndarray], int | 
             raise UserError(
                 f"{ref} is not an mlplab checkpoint ({type(err).__name__}: {err})"
             ) from None
+        from mlplab.resume import read_checkpoint
+
+        # written before mlplab named outputs: at least a classifier's classes are numbered
+        self.names = read_checkpoint(ref).get("mlplab_outputs") or described_outputs(None, task)
+        self.width = task.hparams.num_features
+        if self.names.get("encoding"):
+            from mlplab.columns import ColumnEncoding
+
+            self.encoding = ColumnEncoding.from_dict(self.names["encoding"])
         module = task.inference_module()
 
-        def predict(x: np.ndarray) -> np.ndarray:
+        def run(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 return module(torch.from_numpy(x)).numpy()
 
-        return predict, task.hparams.num_features
-    import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
+        self.run = run
 
-    from mlplab.store import resolve_tracking_uri
+    def load_mlflow_model(self, ref: str) -> None:
+        import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(resolve_tracking_uri())
-    try:
-        model = mlflow.pyfunc.load_model(ref)
-    except (MlflowException, OSError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot load model {ref}: {first_line}") from None
-    schema = model.metadata.get_input_schema()
-    width = schema.inputs[0].shape[-1] if schema is not None and schema.is_tensor_spec() else None
-    return (lambda x: np.asarray(model.predict(x))), width
+        from mlplab.store import resolve_tracking_uri
+
+        mlflow.set_tracking_uri(resolve_tracking_uri())
+        try:
+            model = mlflow.pyfunc.load_model(ref)
+        except (MlflowException, OSError) as err:
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"cannot load model {ref}: {first_line}") from None
+        schema = model.metadata.get_input_schema()
+        self.columns = schema is not None and not schema.is_tensor_spec()
+        if schema is not None and schema.is_tensor_spec():
+            self.width = schema.inputs[0].shape[-1]
+        self.names = (model.metadata.metadata or {}).get("mlplab", {})
+        self.model = model
+        self.run = lambda x: np.asarray(model.predict(x))
+
+    def __call__(self, path: Path) -> pd.DataFrame:
+        if self.encoding is not None:  # a table's checkpoint: encode as training did
+            from mlplab.columns import EncodingError
+
+            try:
+                x = self.encoding.encode(read_rows(path))
+            except EncodingError as err:
+                raise UserError(f"{path}: {err}") from None
+            return self.encoding.decode(self.run(x))
+        if getattr(self, "columns", False):  # a table's MLflow model: named columns both ways
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return self.model.predict(read_rows(path))
+            except (MlflowException, ValueError) as err:
+                reason = str(err).strip().splitlines()[0]
+                raise UserError(f"{path}: the model cannot take these rows ({reason})") from None
+        x = read_features(path)
+        if self.width is not None and x.shape[1] != self.width:
+            raise UserError(
+                f"{path} has {x.shape[1]} features per row but the model takes {self.width}"
+            )
+        outputs = self.run(x).reshape(len(x), -1)
+        return named_outputs(outputs, self.names.get("class_names"), self.names.get("target_names"))
 
 
-def predict_file(model: str, input_path: Path, output_path: Path | None) -> np.ndarray:
-    x = read_features(input_path)
-    predict, width = load_predictor(model)
-    if width is not None and x.shape[1] != width:
-        raise UserError(
-            f"{input_path} has {x.shape[1]} features per row but the model takes {width}"
-        )
-    outputs = predict(x).reshape(len(x), -1)
-    write_array(outputs, output_path)
-    return outputs
+def predict_file(model: str, input_path: Path, output_path: Path | None) -> pd.DataFrame:
+    frame = Predictor(model)(input_path)
+    write_frame(frame, output_path)
+    return frame
 
 
 def main(argv: list[str]) -> None:
@@ -152,8 +210,14 @@ def main(argv: list[str]) -> None:
         prog="mlplab predict", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model", required=True, help="checkpoint path or MLflow model URI")
-    parser.add_argument("--input", required=True, type=Path, help="CSV or NPY of raw features")
-    parser.add_argument("--output", type=Path, help="CSV or NPY to write (default: stdout CSV)")
+    parser.add_argument(
+        "--input", required=True, type=Path,
+        help="raw inputs: CSV or NPY of numbers; for a model trained on a table, a table with "
+        "the named columns (CSV, Parquet, ...)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", type=Path, help="CSV, Parquet or NPY to write (default: CSV on stdout)"
+    )
     args = parser.parse_args(argv)
     try:
         predict_file(args.model, args.input, args.output)

@@ -341,7 +341,7 @@ def log_datasets(logger: MLflowRunLogger, datamodule) -> None:
     name = type(datamodule).__name__.removesuffix("DataModule").lower()
     source = getattr(datamodule, "raw_dir", None)  # image data: the files; else made in code
     inputs = []
-    for split, (x, y) in data.items():
+    for split, (x, y, *_) in data.items():
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(

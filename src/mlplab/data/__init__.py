@@ -1,5 +1,7 @@
 from mlplab.data.base import ArrayDataModule
+from mlplab.data.folders import ImageFolderDataModule
 from mlplab.data.images import FashionMNISTDataModule, MNISTDataModule
+from mlplab.data.table import TableDataModule
 from mlplab.data.tabular import (
     DigitsDataModule,
     IrisClassificationDataModule,
@@ -12,9 +14,11 @@ __all__ = [
     "ArrayDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "ImageFolderDataModule",
     "IrisClassificationDataModule",
     "IrisRegressionDataModule",
     "MNISTDataModule",
     "MoonsDataModule",
+    "TableDataModule",
     "XORDataModule",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
@@ -11,39 +12,37 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mlplab.errors import UserError
 
-Split = tuple[torch.Tensor, torch.Tensor]  # features (N, F) float32, targets (N,) int64 or (N, T)
+# features (N, F) float32, targets (N,) int64 or (N, T) float32, and optionally per-sample
+# weights (N,) float32 that scale each sample's loss
+Split = tuple[torch.Tensor, ...]
 
 
-class TensorPairDataset(Dataset):
-    """Features and targets held as tensors.
+class TensorsDataset(Dataset):
+    """Features, targets (and sample weights) held as tensors.
 
     `__getitems__` lets the DataLoader fetch a whole batch with one indexing operation instead of
     one `__getitem__` per sample plus a collate; samplers (also Lightning's `DistributedSampler`)
     work unchanged because only the fetch differs.
     """
 
-    def __init__(
-        self, features: torch.Tensor, targets: torch.Tensor, split_size: int | None = None
-    ) -> None:
-        if len(features) != len(targets):
-            raise ValueError(f"{len(features)} feature rows but {len(targets)} targets")
-        self.features, self.targets, self.split_size = features, targets, split_size
+    def __init__(self, *tensors: torch.Tensor, split_size: int | None = None) -> None:
+        if len({len(t) for t in tensors}) != 1:
+            raise ValueError(f"tensors of different lengths: {[len(t) for t in tensors]}")
+        self.tensors, self.split_size = tensors, split_size
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.tensors[0])
 
     def __getitem__(self, index: int) -> Split:
-        return self.features[index], self.targets[index]
+        return tuple(t[index] for t in self.tensors)
 
     def __getitems__(self, indices: list[int]):
-        """(x, y) for these indices; with `split_size`, as tuples of consecutive batches of
-        that size: a chunk the task steps through one batch at a time."""
-        index = torch.as_tensor(indices, device=self.features.device)
-        x, y = self.features[index], self.targets[index]
+        """(x, y[, w]) for these indices; with `split_size`, each as a tuple of consecutive
+        batches of that size: a chunk the task steps through one batch at a time."""
+        index = torch.as_tensor(indices, device=self.tensors[0].device)
+        picked = tuple(t[index] for t in self.tensors)
         return (
-            (x, y)
-            if self.split_size is None
-            else (x.split(self.split_size), y.split(self.split_size))
+            picked if self.split_size is None else tuple(t.split(self.split_size) for t in picked)
         )
 
 
@@ -65,7 +64,7 @@ def _batch_as_is(batch: Split) -> Split:
     return batch
 
 
-class ArrayDataModule(LightningDataModule):
+class ArrayDataModule(LightningDataModule, abc.ABC):
     """Base of every mlplab datamodule.
 
     Subclasses set `num_features` (and `num_classes` or `num_targets`) without touching the data,
@@ -105,16 +104,16 @@ class ArrayDataModule(LightningDataModule):
         self.chunked = False  # decided in `setup`, when the trainer is known
         self.data: dict[str, Split] = {}
 
+    @abc.abstractmethod
     def load_splits(self) -> dict[str, Split]:
-        """Return every split named in `splits` as (features, targets)."""
-        raise NotImplementedError
+        """Every split named in `splits` as (features, targets[, sample weights])."""
 
     def setup(self, stage: str | None = None) -> None:
         if not self.data:
             self.data = self.load_splits()
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         if self.on_device and device is not None:
-            self.data = {k: (x.to(device), y.to(device)) for k, (x, y) in self.data.items()}
+            self.data = {k: tuple(t.to(device) for t in split) for k, split in self.data.items()}
         if self.trainer is not None:
             self.chunked = self.chunk > 1 and not self.fast_path_blocked(stage)
 
@@ -143,12 +142,12 @@ class ArrayDataModule(LightningDataModule):
             raise ValueError(
                 f"{type(self).__name__} has no {split!r} split (it has: {', '.join(self.splits)})"
             )
-        x, y = self.data[split]
+        x = self.data[split][0]
         world = self.trainer.world_size if self.trainer is not None else 1
         whole = self.batch_size <= 0 or self.batch_size >= len(x)
         batch_size = max(len(x), 1) if whole else self.device_batch_size(world)
         chunked = train and self.chunked
-        dataset = TensorPairDataset(x, y, split_size=batch_size if chunked else None)
+        dataset = TensorsDataset(*self.data[split], split_size=batch_size if chunked else None)
         cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         sampler = None
         if world > 1 and not train:  # training gets Lightning's DistributedSampler
@@ -190,3 +189,18 @@ def batch_size(batch) -> int:
     Lightning's `ThroughputMonitor` (`mlplab.data.base.batch_size`)."""
     x = batch[0]
     return sum(len(b) for b in x) if isinstance(x, tuple) else len(x)
+
+
+def described_outputs(datamodule, task=None) -> dict:
+    """What names a model's outputs and encodes its inputs, from the data it trained on (a
+    classifier's classes are numbered where the data does not name them): kept in checkpoints
+    and logged models, so predictions come back as named columns."""
+    encoding = getattr(datamodule, "encoding", None)
+    class_names = getattr(datamodule, "class_names", None)
+    if class_names is None and hasattr(task, "num_classes"):
+        class_names = [str(i) for i in range(task.num_classes)]
+    return {
+        "class_names": class_names,
+        "target_names": getattr(datamodule, "target_names", None),
+        "encoding": encoding.to_dict() if encoding is not None else None,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import numpy as np
@@ -67,8 +68,9 @@ class IrisDataModule(ArrayDataModule):
         super().__init__(batch_size=batch_size, **kwargs)
         self.seed = seed
 
+    @abc.abstractmethod
     def xy(self) -> tuple[np.ndarray, np.ndarray, torch.dtype]:
-        raise NotImplementedError
+        """Features, targets and the targets' dtype."""
 
     def load_splits(self) -> dict[str, Split]:
         from sklearn.model_selection import train_test_split

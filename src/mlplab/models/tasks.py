@@ -8,8 +8,10 @@ the widths the data and the task call for (the CLI links `num_features` and `num
 
 from __future__ import annotations
 
+import abc
 import copy
 import importlib
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Literal
@@ -24,6 +26,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from mlplab.data.base import described_outputs
 from mlplab.errors import TrainingDiverged, UserError
 
 # An optimizer class and its settings; the parameters and `lr` are given at construction, so the
@@ -69,7 +72,7 @@ class EpochCount(_Unchecked, torchmetrics.SumMetric):
     """How many samples an epoch's metrics cover, summed over DDP ranks."""
 
 
-class Task(LightningModule):
+class Task(LightningModule, abc.ABC):
     """Supervised training around `net`: subclasses choose the output unit, loss and metrics.
 
     Training is Lightning's automatic optimisation: `training_step` returns the loss. With an
@@ -136,15 +139,26 @@ class Task(LightningModule):
     # --- what a task defines -------------------------------------------------------------------
     output: nn.Module  # logits -> the seed's output unit (probabilities or values)
 
-    def make_metrics(self) -> torchmetrics.MetricCollection:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def make_metrics(self) -> torchmetrics.MetricCollection: ...
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def loss(
+        self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The batch's loss; with `weight` (one per sample) weighed as Keras weighs: each
+        sample's loss times its weight, averaged over the batch."""
 
+    @abc.abstractmethod
     def metric_inputs(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the metrics' `update` takes for this batch."""
-        raise NotImplementedError
+
+    def sample_weights(
+        self, y: torch.Tensor, weight: torch.Tensor | None, stage: str
+    ) -> torch.Tensor | None:
+        """The loss weights of a batch: the data's per-sample weights (a table's
+        `weight_column`); a classifier multiplies in its class weights when training."""
+        return weight
 
     # --- one step for every stage --------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +166,9 @@ class Task(LightningModule):
         return self.net(self.input_norm(x))
 
     def shared_step(self, batch, stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y, *weight = batch  # a third tensor: per-sample weights
         logits = self(x)
-        loss = self.loss(logits, y)
+        loss = self.loss(logits, y, self.sample_weights(y, weight[0] if weight else None, stage))
         if stage == "train" and self.initial_loss is None:
             self.note_initial_loss(loss)
         self.update_metrics(stage, logits.detach(), y, loss.detach())
@@ -207,8 +221,7 @@ class Task(LightningModule):
             reason = f"train/loss is {loss.item()}"
         elif factor and initial and loss > factor * initial:
             reason = (
-                f"train/loss is {loss.item():.3g}, over {factor:g}x the first batch's "
-                f"{initial:.3g}"
+                f"train/loss is {loss.item():.3g}, over {factor:g}x the first batch's {initial:.3g}"
             )
         else:
             reason = None
@@ -265,7 +278,7 @@ class Task(LightningModule):
         micro-step through Lightning's own calls (`LightningOptimizer.step`,
         `configure_gradient_clipping`, `manual_backward` where a strategy or precision plugin
         has work to do in the backward pass), so the global step counts optimiser steps."""
-        xs, ys = batch
+        xs, ys, *ws = batch
         trainer = self.trainer
         optimizer = self.optimizers()
         accumulate = trainer.accumulate_grad_batches
@@ -280,7 +293,7 @@ class Task(LightningModule):
             if steps_left == 0:
                 break  # max_steps lands inside this chunk: stop exactly there
             logits = self(x)
-            loss = self.loss(logits, y)
+            loss = self.loss(logits, y, self.sample_weights(y, ws[0][i] if ws else None, "train"))
             if self.initial_loss is None:
                 self.note_initial_loss(loss)
             self.backward_fn(loss / accumulate if accumulate > 1 else loss)
@@ -343,6 +356,9 @@ class Task(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mlplab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["mlplab_initial_loss"] = self.initial_loss  # a resumed fit keeps its scale
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:  # `mlplab predict --model` names the outputs with these
+            checkpoint["mlplab_outputs"] = described_outputs(datamodule, self)
         if isinstance(self.logger, MLFlowLogger) and self.logger.run_id is not None:
             checkpoint["mlflow_run_id"] = self.logger.run_id  # resuming continues this run
 
@@ -373,18 +389,37 @@ class Classifier(Task):
     (binary) cross-entropy on the logits. `loss: mse` is seed 001's linear output unit trained
     with the square loss on the 0/1 (one-hot) targets; its class is the output above 0.5 (binary)
     or the largest output.
+
+    `class_weight` (Keras' argument) weighs each training sample's loss by its class: a list in
+    the order of the data's classes, or `balanced` (scikit-learn's `n_samples / (n_classes *
+    count)` from the training split). Validation and test losses stay unweighted, so they
+    compare across weightings.
     """
 
     def __init__(
         self,
         net: NetFactory,
         num_features: int,
-        num_classes: int,
+        num_classes: int | None = None,  # linked from the data's
         loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+        class_weight: Literal["balanced"] | list[float] | None = None,
         **kwargs,
     ) -> None:
+        if num_classes is None:
+            raise UserError(
+                "the data has no num_classes (regression data?): use mlplab.models.Regressor as "
+                "the model (for a table, or set data.task: classification)"
+            )
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if isinstance(class_weight, list) and len(class_weight) != num_classes:
+            raise UserError(
+                f"model.class_weight has {len(class_weight)} weights but the data has "
+                f"{num_classes} classes; give one weight per class, in the data's class order, "
+                "or 'balanced'"
+            )
+        if isinstance(class_weight, list) and min(class_weight) < 0:
+            raise UserError(f"model.class_weight {class_weight} has a negative weight")
         self.num_classes = num_classes
         super().__init__(net, num_features, 1 if num_classes == 2 else num_classes, **kwargs)
         self.loss_name = loss
@@ -392,6 +427,9 @@ class Classifier(Task):
             self.output = nn.Identity()
         else:
             self.output = nn.Sigmoid() if self.binary else nn.Softmax(dim=1)
+        if class_weight is not None:  # a buffer: checkpoints and resumed fits keep the weights
+            weights = torch.ones(num_classes) if class_weight == "balanced" else class_weight
+            self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32))
 
     @property
     def binary(self) -> bool:
@@ -408,17 +446,55 @@ class Classifier(Task):
             }
         )
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits, y, weight=None):
+        reduction = "mean" if weight is None else "none"
+        functional = nn.functional
         if self.loss_name == "mse":
             target = (
-                y.float().unsqueeze(1)
-                if self.binary
-                else nn.functional.one_hot(y, self.num_classes).float()
+                y.float().unsqueeze(1) if self.binary else functional.one_hot(y, self.num_classes)
             )
-            return nn.functional.mse_loss(logits, target)
-        if self.binary:  # logits (B, 1), y (B,) in {0, 1}
-            return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(1), y.float())
-        return nn.functional.cross_entropy(logits, y)  # logits (B, C), y (B,) class indices
+            losses = functional.mse_loss(logits, target.float(), reduction=reduction)
+            losses = losses if weight is None else losses.mean(dim=1)
+        elif self.binary:  # logits (B, 1), y (B,) in {0, 1}
+            losses = functional.binary_cross_entropy_with_logits(
+                logits.squeeze(1), y.float(), reduction=reduction
+            )
+        else:  # logits (B, C), y (B,) class indices
+            losses = functional.cross_entropy(logits, y, reduction=reduction)
+        return losses if weight is None else (losses * weight).mean()
+
+    def sample_weights(self, y, weight, stage):
+        if stage != "train" or not hasattr(self, "class_weights"):
+            return weight
+        by_class = self.class_weights[y]
+        return by_class if weight is None else by_class * weight
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.get("class_weight") == "balanced" and stage == "fit":
+            data = getattr(datamodule, "data", None)
+            if not isinstance(data, dict) or "train" not in data:
+                raise UserError(
+                    "model.class_weight: balanced counts the training targets, which only an "
+                    "mlplab datamodule holds; give the weights as a list"
+                )
+            y = data["train"][1]
+            counts = torch.bincount(y.cpu(), minlength=self.num_classes).float()
+            balanced = len(y) / (self.num_classes * counts.clamp(min=1))
+            self.class_weights.copy_(balanced)
+
+    def on_fit_start(self) -> None:
+        """The weights in use as params (`model.class_weight.<class>`), `balanced` resolved."""
+        if self.logger is None or not hasattr(self, "class_weights"):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None) or range(self.num_classes)
+        keys = [re.sub(r"[^\w\-. /]", "_", str(name)) for name in names]  # MLflow's key chars
+        self.logger.log_hyperparams(
+            {f"model.class_weight.{key}": round(float(w), 6)
+             for key, w in zip(keys, self.class_weights, strict=True)}
+        )  # fmt: skip
 
     def metric_inputs(self, logits, y):
         # hard labels: torchmetrics would take a linear output outside [0, 1] for a logit
@@ -450,7 +526,9 @@ class Regressor(Task):
     ) -> None:
         super().__init__(net, num_features, num_targets, **kwargs)
         self.output = nn.Identity()
-        self.loss_fn = {"mse": nn.MSELoss(), "mae": nn.L1Loss(), "huber": nn.HuberLoss()}[loss]
+        functional = nn.functional
+        self.loss_fn = {"mse": functional.mse_loss, "mae": functional.l1_loss,
+                        "huber": functional.huber_loss}[loss]  # fmt: skip
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(
@@ -461,8 +539,10 @@ class Regressor(Task):
             }
         )
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(logits, y)  # both (B, num_targets)
+    def loss(self, logits, y, weight=None):  # logits and y (B, num_targets)
+        if weight is None:
+            return self.loss_fn(logits, y)
+        return (self.loss_fn(logits, y, reduction="none").mean(dim=1) * weight).mean()
 
     def metric_inputs(self, logits, y):
         return (logits.squeeze(1), y.squeeze(1)) if logits.shape[1] == 1 else (logits, y)

@@ -1,0 +1,141 @@
+"""Your own images with no code: torchvision's `ImageFolder` layout, decoded once into memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlplab.data.base import Split
+from mlplab.data.files import FileDataModule
+from mlplab.data.images import DatasetError
+
+
+class ImageFolderDataModule(FileDataModule):
+    """Images in `<path>/<class>/*.png|jpg|...` (the folder names are the class names, sorted):
+    decoded once, converted to grayscale or RGB, resized to `image_size` and held as pixel rows
+    scaled to [0, 1] (C x H x W features), so batches are tensor slices as for MNIST. One
+    `path` is split by fractions (stratified by class); or `train_path` / `val_path` /
+    `test_path` each hold the class folders."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        image_size: int | tuple[int, int] = 28,
+        grayscale: bool = True,
+        val_fraction: float = 0.2,
+        test_fraction: float | None = None,
+        seed: int = 0,
+        batch_size: int = 32,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            path, train_path, val_path, test_path, val_fraction, test_fraction, seed,
+            batch_size=batch_size, **kwargs,
+        )  # fmt: skip
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise DatasetError(f"data.image_size {image_size}: give a side or [height, width]")
+        self.size, self.grayscale = size, grayscale
+        self.classes: list[str] | None = None
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """For figures: (H, W), or (C, H, W) in colour."""
+        return self.size if self.grayscale else (self.channels, *self.size)
+
+    @property
+    def num_features(self) -> int:
+        return self.channels * self.size[0] * self.size[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.classes is None:
+            self.classes = self.find_classes(self.files().get("all") or self.files()["train"])
+        return self.classes
+
+    def find_classes(self, root: Path) -> list[str]:
+        from torchvision.datasets.folder import find_classes
+
+        try:
+            classes, _ = find_classes(str(root))
+        except (FileNotFoundError, NotADirectoryError):
+            raise DatasetError(
+                f"{root} has no class subfolders; lay the images out as {root}/<class>/<image>"
+            ) from None
+        if len(classes) < 2:
+            raise DatasetError(
+                f"{root} has one class folder ({classes[0]}); a classifier needs at least two"
+            )
+        return classes
+
+    def scan(self, root: Path) -> tuple[list[str], np.ndarray]:
+        """The image files under `root` and their labels by this module's class names."""
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+        names = self.find_classes(root)
+        unknown = sorted(set(names) - set(self.class_names))
+        if unknown:
+            raise DatasetError(
+                f"{root} has class folder(s) {', '.join(unknown)} that the training images lack"
+            )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        try:
+            samples = make_dataset(str(root), {n: index[n] for n in names}, IMG_EXTENSIONS)
+        except FileNotFoundError as err:  # a class folder without images
+            raise DatasetError(f"{root}: {str(err).splitlines()[0]}") from None
+        paths = [p for p, _ in samples]
+        return paths, np.array([label for _, label in samples], dtype=np.int64)
+
+    def decode(self, paths: list[str]) -> torch.Tensor:
+        """(N, C*H*W) float32 pixels in [0, 1], read with PIL as `ImageFolder` reads them and
+        resized as torchvision's `Resize` does; an unreadable image is named."""
+        from PIL import Image
+        from torchvision.transforms.v2.functional import pil_to_tensor, resize
+
+        pixels = torch.empty((len(paths), self.channels, *self.size), dtype=torch.uint8)
+        for i, path in enumerate(paths):
+            try:
+                with Image.open(path) as file:
+                    image = pil_to_tensor(file.convert("L" if self.grayscale else "RGB"))
+            except OSError as err:  # PIL's UnidentifiedImageError and truncated files
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else "undecodable"
+                raise DatasetError(
+                    f"{path} is not a readable image ({reason}); remove or replace it"
+                ) from None
+            if tuple(image.shape[1:]) != self.size:
+                image = resize(image, list(self.size), antialias=True)
+            pixels[i] = image
+        return pixels.flatten(1).float().div_(255.0)
+
+    def load_splits(self) -> dict[str, Split]:
+        files = self.files()
+        found = {split: self.scan(root) for split, root in files.items()}
+        if "all" in found:
+            paths, labels = found.pop("all")
+            rows = self.split_rows(len(paths), labels)
+        else:
+            paths, labels = found.pop("train")
+            rows = self.split_rows(len(paths), labels, has_val="val" in found,
+                                   has_test="test" in found)  # fmt: skip
+        splits = {
+            split: ([paths[i] for i in index], labels[index]) for split, index in rows.items()
+        }
+        splits.update(found)
+        order = [s for s in ("train", "val", "test") if s in splits]
+        return {
+            split: (self.decode(splits[split][0]), torch.from_numpy(splits[split][1]))
+            for split in order
+        }
