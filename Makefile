@@ -6,7 +6,7 @@ CONFIG ?= configs/xor.yaml
 STORE  ?= sqlite:///mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all reproduce bench lint ui server clean
+.PHONY: help install train test test-all reproduce bench examples lint ui server clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and 
 
 bench: $(STAMP) ## time mlplab against a plain PyTorch loop and the usual Lightning idiom
 	$(BIN)/python bench/bench.py
+
+examples: $(STAMP) ## write the data of configs/examples/ (from scikit-learn) under data/examples/
+	$(BIN)/python -m mlplab.data.examples .
 
 lint: $(STAMP) ## ruff over the sources, tests and benchmark
 	$(BIN)/ruff check src tests bench

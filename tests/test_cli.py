@@ -244,12 +244,15 @@ def test_validate_and_test_subcommands_log_their_own_run(xor_run, store, command
     ],
 )
 def test_bad_config_exits_non_zero_with_jsonargparse_message_and_no_traceback(
-    args, message, tmp_path
+    args, message, tmp_path, monkeypatch, capsys
 ):
-    result = run_mlplab("fit", "--config", config("xor"), *args, cwd=tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr and "error:" in result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store, here
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", config("xor"), *args])
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert message in err and "error:" in err and "Traceback" not in err
     assert not (tmp_path / "mlruns").exists()  # nothing written to a store
 
 
@@ -269,21 +272,16 @@ def test_missing_config_file_is_named(tmp_path):
         ("0,1\n1,\n", "NaN"),
     ],
 )
-def test_predict_rejects_bad_input_in_one_line(xor_run, tmp_path, content, message):
+def test_predict_rejects_bad_input_in_one_line(xor_run, tmp_path, content, message, capsys):
     run, _ = xor_run
     (tmp_path / "x.csv").write_text(content)
-    result = run_mlplab(
-        "predict",
-        "--model",
-        f"runs:/{run.info.run_id}/model",
-        "--input",
-        str(tmp_path / "x.csv"),
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()},  # the XOR run's store
-    )
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--model", f"runs:/{run.info.run_id}/model", "--input",
+              str(tmp_path / "x.csv")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert done.value.code == 2, err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_predict_names_a_missing_checkpoint(tmp_path):

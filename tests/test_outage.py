@@ -143,6 +143,7 @@ def test_a_server_still_away_at_the_end_is_synced_later(tmp_path, tracking_serve
     assert counts() == before
 
 
+@pytest.mark.slow  # CI runs the other two outage scenarios (`make test` under 20 minutes)
 def test_killed_while_away_then_resumed_loses_nothing(tmp_path, tracking_server):
     """`kill -9` with epochs kept only in the journal; the server back; `--ckpt_path last`
     sends them and goes on: every epoch exactly once, FINISHED."""

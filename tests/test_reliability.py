@@ -61,7 +61,10 @@ def uninterrupted(tmp_path_factory):
     return experiment_runs(store_uri(tmp), "moons")[1][0]
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(  # CI runs SIGKILL (`make test` stays under 20 minutes)
+    "how", ["SIGKILL", pytest.param("SIGTERM", marks=pytest.mark.slow),
+            pytest.param("SIGINT", marks=pytest.mark.slow)]
+)  # fmt: skip
 def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted):
     uri = store_uri(tmp_path)
     job, log = start(MOONS, tmp_path, uri)
@@ -226,6 +229,7 @@ def test_bad_input_is_one_line_and_touches_no_store(args, message, tmp_path, xor
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # CI time; test_checkpoints covers a checkpoint that does not fit in-process
 def test_validate_with_another_models_checkpoint_is_one_line(tmp_path):
     """A checkpoint written through the CLI carries its model's settings, which Lightning
     merges into the config; the weights still do not fit the digits data."""
@@ -261,6 +265,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert elapsed < 60, f"took {elapsed:.0f} s"  # MLflow's own retries take minutes
 
 
+@pytest.mark.slow  # CI time; the server load test covers concurrency against a server
 def test_concurrent_runs_share_one_sqlite_store(tmp_path):
     """Four `mlplab fit` processes start together on a fresh store: all finish, every metric
     of every epoch is recorded."""

@@ -25,9 +25,9 @@ def export_onnx(checkpoint: str, output: Path, tolerance: float = 1e-5) -> float
     except ImportError:
         raise UserError("ONNX export needs the onnx extra: pip install 'mlplab[onnx]'") from None
     from mlplab.models.tasks import Task
-    from mlplab.predict import load_predictor
+    from mlplab.predict import Predictor
 
-    load_predictor(checkpoint)  # the one-line errors for a missing or foreign file
+    Predictor(checkpoint)  # the one-line errors for a missing or foreign file
     task = Task.from_checkpoint(checkpoint)
     module = task.inference_module()
     width = task.hparams.num_features

@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mlplab.columns import named_outputs
 from mlplab.data.base import described_outputs
 from mlplab.errors import UserError
 
@@ -34,6 +33,8 @@ class PredictionWriter(BasePredictionWriter):
         self.path = Path(path)
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        from mlplab.columns import named_outputs
+
         outputs = torch.cat([torch.as_tensor(p) for p in predictions]).flatten(1).cpu().numpy()
         names = described_outputs(trainer.datamodule, pl_module)
         write_frame(named_outputs(outputs, names["class_names"], names["target_names"]), self.path)
@@ -194,6 +195,8 @@ class Predictor:
             raise UserError(
                 f"{path} has {x.shape[1]} features per row but the model takes {self.width}"
             )
+        from mlplab.columns import named_outputs
+
         outputs = self.run(x).reshape(len(x), -1)
         return named_outputs(outputs, self.names.get("class_names"), self.names.get("target_names"))
 

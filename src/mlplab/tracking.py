@@ -339,7 +339,8 @@ def log_datasets(logger: MLflowRunLogger, datamodule) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     name = type(datamodule).__name__.removesuffix("DataModule").lower()
-    source = getattr(datamodule, "raw_dir", None)  # image data: the files; else made in code
+    # the user's file or folder, image data's files; else made in code
+    source = getattr(datamodule, "source", None) or getattr(datamodule, "raw_dir", None)
     inputs = []
     for split, (x, y, *_) in data.items():
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"

@@ -5,16 +5,18 @@ from __future__ import annotations
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from mlplab.columns import ColumnEncoding, EncodingError
 from mlplab.data.base import Split
 from mlplab.data.files import FileDataModule
 from mlplab.data.images import DatasetError
+
+if TYPE_CHECKING:  # the served model's module imports MLflow: loaded when a table is
+    from mlplab.columns import ColumnEncoding
 
 # pandas readers by extension, and whether they read a subset of columns
 READERS = {
@@ -182,6 +184,8 @@ class TableDataModule(FileDataModule):
             rows = self.split_rows(len(train), labels, has_test="test" in frames)
             frames = {**frames, **{split: train.iloc[index] for split, index in rows.items()}}
             train = frames["train"]
+        from mlplab.columns import ColumnEncoding
+
         features = self.feature_columns(train)
         self.encoding = ColumnEncoding.fit(train, features, self.categorical, self.impute)
         self.fit_targets(train)
@@ -312,6 +316,8 @@ class TableDataModule(FileDataModule):
                 )
 
     def tensors(self, frame: pd.DataFrame, path: Path, split: str) -> Split:
+        from mlplab.columns import EncodingError
+
         try:
             x = torch.from_numpy(self.encoding.encode(frame))
         except EncodingError as err:

@@ -356,9 +356,12 @@ class Task(LightningModule, abc.ABC):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mlplab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["mlplab_initial_loss"] = self.initial_loss  # a resumed fit keeps its scale
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:  # `mlplab predict --model` names the outputs with these
-            checkpoint["mlplab_outputs"] = described_outputs(datamodule, self)
+        try:
+            datamodule = self.trainer.datamodule
+        except RuntimeError:  # `Trainer.save_checkpoint` outside a fit: no trainer attached
+            datamodule = None
+        # `mlplab predict --model` names the outputs with these
+        checkpoint["mlplab_outputs"] = described_outputs(datamodule, self)
         if isinstance(self.logger, MLFlowLogger) and self.logger.run_id is not None:
             checkpoint["mlflow_run_id"] = self.logger.run_id  # resuming continues this run
 
