@@ -98,10 +98,7 @@ def read_rows(path: Path) -> pd.DataFrame:
 
     if not path.is_file():
         raise UserError(f"input file {path} does not exist (or is not a file)")
-    try:
-        return read_table(path)
-    except UserError as err:
-        raise UserError(str(err).replace("a header row and the data rows", "rows")) from None
+    return read_table(path)
 
 
 def write_frame(frame: pd.DataFrame, path: Path | None) -> None:
@@ -120,6 +117,7 @@ class Predictor:
 
     def __init__(self, ref: str) -> None:
         self.ref, self.encoding, self.names, self.width = ref, None, {}, None
+        self.columns = False  # an MLflow model whose signature names columns
         if ref.endswith(".ckpt") or Path(ref).is_file():
             self.load_checkpoint(ref)
         else:
@@ -182,7 +180,7 @@ class Predictor:
             except EncodingError as err:
                 raise UserError(f"{path}: {err}") from None
             return self.encoding.decode(self.run(x))
-        if getattr(self, "columns", False):  # a table's MLflow model: named columns both ways
+        if self.columns:  # a table's MLflow model: named columns both ways
             from mlflow.exceptions import MlflowException
 
             try:

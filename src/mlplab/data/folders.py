@@ -20,23 +20,10 @@ class ImageFolderDataModule(FileDataModule):
     `test_path` each hold the class folders."""
 
     def __init__(
-        self,
-        path: str | None = None,
-        train_path: str | None = None,
-        val_path: str | None = None,
-        test_path: str | None = None,
-        image_size: int | tuple[int, int] = 28,
-        grayscale: bool = True,
-        val_fraction: float = 0.2,
-        test_fraction: float | None = None,
-        seed: int = 0,
-        batch_size: int = 32,
-        **kwargs,
+        self, image_size: int | tuple[int, int] = 28, grayscale: bool = True, **kwargs
     ) -> None:
-        super().__init__(
-            path, train_path, val_path, test_path, val_fraction, test_fraction, seed,
-            batch_size=batch_size, **kwargs,
-        )  # fmt: skip
+        """The files, splits and batches: `FileDataModule`'s and `ArrayDataModule`'s settings."""
+        super().__init__(**kwargs)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or min(size) < 1:
             raise DatasetError(f"data.image_size {image_size}: give a side or [height, width]")

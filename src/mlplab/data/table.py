@@ -112,27 +112,17 @@ class TableDataModule(FileDataModule):
     def __init__(
         self,
         target: str | list[str],
-        path: str | None = None,
-        train_path: str | None = None,
-        val_path: str | None = None,
-        test_path: str | None = None,
         features: list[str] | None = None,
         categorical: list[str] | None = None,
         task: Literal["auto", "classification", "regression"] = "auto",
         impute: Literal["median", "mean"] | None = None,
         split_column: str | None = None,
         weight_column: str | None = None,
-        val_fraction: float = 0.2,
-        test_fraction: float | None = None,
-        seed: int = 0,
-        batch_size: int = 32,
         **kwargs,
     ) -> None:
-        super().__init__(
-            path, train_path, val_path, test_path, val_fraction, test_fraction, seed,
-            batch_size=batch_size, **kwargs,
-        )  # fmt: skip
-        if split_column is not None and path is None:
+        """The files, splits and batches: `FileDataModule`'s and `ArrayDataModule`'s settings."""
+        super().__init__(**kwargs)
+        if split_column is not None and self.path is None:
             raise DatasetError("data.split_column splits data.path; with train_path, leave it out")
         self.targets = [target] if isinstance(target, str) else list(target)
         self.features = list(features) if features is not None else None
