@@ -25,7 +25,7 @@ def only_run(store: str, experiment: str):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_every_config_runs_fit_with_fast_dev_run(path, store):
+def test_every_config_runs_fit_with_fast_dev_run(path, store, monkeypatch):
     configs = ["--config", str(path)]
     if path.parent.name == "trainer":  # launch settings, on top of any experiment: they parse
         with pytest.raises(SystemExit) as done:  # (tests/test_ddp.py runs DDP for real)
@@ -44,6 +44,14 @@ def test_every_config_runs_fit_with_fast_dev_run(path, store):
         spec = load_sweep_file(str(path))
         named = [spec["config"], *spec["grid"].get("config", [])]
         assert all((ROOT / name).is_file() for name in named), named
+        return
+    if path.parent.name == "searches":  # Optuna searches: their spaces fit their configs
+        from mlplab.search.command import check_config, settings
+
+        monkeypatch.chdir(ROOT)  # a search file names its config from the project's root
+        is_file = "space" in yaml.safe_load(path.read_text())
+        args = [str(path)] if is_file else ["--config", config("moons"), "--space", str(path)]
+        assert check_config(settings(args)[0])  # trial 0: the config's values
         return
     if path.parent.name == "examples":  # the user's-own-data examples: their data written here
         from mlplab.data.examples import write_examples

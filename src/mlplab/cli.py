@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -87,7 +88,10 @@ class MLPLabCLI(LightningCLI):
 
     Any LightningModule and LightningDataModule subclass is accepted by `class_path`."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    def __init__(
+        self, args: list[str] | None = None, run: bool = True, callbacks: Iterable[Callback] = ()
+    ) -> None:
+        """`callbacks` join the Trainer's whatever the config says (a search's pruning)."""
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -99,7 +103,7 @@ class MLPLabCLI(LightningCLI):
             parser_class=_Parser,
             parser_kwargs={"description": DESCRIPTION},
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
-            trainer_defaults={"default_root_dir": "mlruns"},
+            trainer_defaults={"default_root_dir": "mlruns", "callbacks": list(callbacks)},
             args=with_experiment_name(
                 with_checkpoint_config(sys.argv[1:] if args is None else args)
             ),

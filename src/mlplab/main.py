@@ -14,6 +14,7 @@ import sys
 # mlplab's own commands and their modules (each has a `main(argv)`)
 COMMANDS = {
     "sweep": "mlplab.sweep",
+    "search": "mlplab.search",
     "baseline": "mlplab.baseline",
     "runs": "mlplab.runs",
     "export": "mlplab.export",
@@ -35,6 +36,7 @@ LightningCLI commands (settings from YAML configs and dotted flags):
 
 mlplab's commands:
   sweep      a grid as MLflow parent and child runs
+  search     an Optuna search (pruned, resumable) as MLflow parent and child runs
   baseline   a scikit-learn estimator on mlplab data, tracked like a fit
   runs       an experiment's runs as a table
   export     a checkpoint as ONNX, checked against it
@@ -56,8 +58,13 @@ def _quiet() -> None:
         r".*smaller than the logging interval",  # mlplab logs per epoch
         r".*LeafSpec",  # a deprecation inside Lightning itself
         r".*args parameter is intended",  # `mlplab reproduce` drives the CLI from Python
+        r".*configured with multiple `ModelCheckpoint`",  # the first is the best: as intended
     ):
         warnings.filterwarnings("ignore", message=message)
+    # `mlflow.pytorch` calls `logging.basicConfig` on import (mlflow 3.17,
+    # mlflow/pytorch/_lightning_autolog.py): with a root handler already there it does nothing,
+    # and Lightning's lines of a later fit (a search's next trial) are not doubled as "INFO:..."
+    logging.getLogger().addHandler(logging.NullHandler())
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith("💡 Tip")
     )

@@ -143,6 +143,13 @@ def run(experiment: Experiment, configs_dir: Path, extra: list[str]) -> tuple[st
     return logger.run_id, metrics, seconds
 
 
+# a search takes longer than `reproduce` runs every seed: its report is written by hand
+SEARCH_NOTE = (
+    "Seed 002's optimizer question as an Optuna search (optimizer, learning rate, momentum; "
+    "pruned), against the seven-optimizer grid above: [SEARCH.md](SEARCH.md)."
+)
+
+
 def report(rows: list[tuple[Experiment, str, dict, float]], command: str) -> str:
     lines = [
         "# Reproduction of the seed experiments",
@@ -167,6 +174,7 @@ def report(rows: list[tuple[Experiment, str, dict, float]], command: str) -> str
     notes = [f"- **{e.name}**: {e.note}" for e, *_ in rows if e.note]
     if notes:
         lines += ["", "## Notes", "", *notes]
+    lines += ["", SEARCH_NOTE]
     return "\n".join(lines) + "\n"
 
 

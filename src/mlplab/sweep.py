@@ -64,6 +64,27 @@ def point_name(point: dict) -> str:
     ).replace(" ", "")
 
 
+def open_parent(client, uri, experiment, name, key_tag, key, command, params) -> str:
+    """A parent run found by its key (`key_tag`), so that running the same sweep or search
+    again continues it; else a new one with `params`."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    experiment_id = ensure_experiment(client, experiment, uri)
+    earlier = client.search_runs(
+        [experiment_id], f"tags.`{key_tag}` = '{key}'", order_by=["start_time DESC"]
+    )
+    if earlier:
+        run_id = earlier[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        print(f"mlplab: continuing {command} {name} (parent run {run_id})", file=sys.stderr)
+        return run_id
+    tags = {MLFLOW_RUN_NAME: name, key_tag: key, "mlplab.command": command}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    for param, value in params.items():
+        client.log_param(run_id, param, str(value)[:6000])
+    return run_id
+
+
 def load_sweep_file(path: str) -> dict:
     try:
         spec = yaml.safe_load(Path(path).read_text()) or {}
@@ -92,29 +113,12 @@ class Sweep:
 
     def parent(self) -> str:
         """The sweep's parent run: the unfinished one of an earlier attempt, else a new one."""
-        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-        client = self.client
-        experiment_id = ensure_experiment(client, self.experiment, self.uri)
-        earlier = client.search_runs(
-            [experiment_id], f"tags.`{KEY_TAG}` = '{self.key}'", order_by=["start_time DESC"]
-        )
-        if earlier:
-            run_id = earlier[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-            print(f"mlplab: continuing sweep {self.name} (parent run {run_id})", file=sys.stderr)
-            return run_id
-        run = client.create_run(
-            experiment_id,
-            tags={MLFLOW_RUN_NAME: self.name, KEY_TAG: self.key, "mlplab.command": "sweep"},
-        )
-        run_id = run.info.run_id
         params = {"sweep.config": ",".join(self.configs), "sweep.metric": self.metric,
                   "sweep.mode": self.mode, "sweep.size": len(points(self.grid))}  # fmt: skip
         params.update({f"sweep.grid.{k}": json.dumps(v) for k, v in self.grid.items()})
-        for key, value in params.items():
-            client.log_param(run_id, key, str(value)[:6000])
-        return run_id
+        return open_parent(
+            self.client, self.uri, self.experiment, self.name, KEY_TAG, self.key, "sweep", params
+        )
 
     def children(self, parent: str) -> list:
         experiment = self.client.get_experiment_by_name(self.experiment)

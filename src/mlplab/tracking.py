@@ -15,6 +15,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mlplab.errors import RunKilled
 from mlplab.journal import Journal, RunWriter
 from mlplab.store import (
     check_writable,
@@ -28,14 +29,18 @@ from mlplab.store import (
 
 
 class RunStatus(Callback):
-    """Why a run ended early, for `MLflowRunLogger.finalize`: Ctrl-C and SIGTERM mark it KILLED,
-    an error FAILED with its message as the `mlplab.failure` tag."""
+    """Why a run ended early, for `MLflowRunLogger.finalize`: Ctrl-C, SIGTERM and `RunKilled`
+    (a pruned search trial) mark it KILLED, an error FAILED, with the reason as the
+    `mlplab.failure` tag."""
 
     def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
         logger = trainer.logger
         if not isinstance(logger, MLflowRunLogger):
             return
-        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+        if isinstance(exception, RunKilled):
+            logger.failure = ("KILLED", str(exception))
+            logger.stopped_on_purpose = True
+        elif isinstance(exception, KeyboardInterrupt | SIGTERMException):
             logger.failure = ("KILLED", f"interrupted ({type(exception).__name__})")
             if trainer.is_global_zero:
                 print(
@@ -95,6 +100,7 @@ class MLflowRunLogger(MLFlowLogger):
         self.named = run_name is not None
         self.unwritten_at_resume = unwritten
         self.failure: tuple[str, str] | None = None  # (status, reason), set by `RunStatus`
+        self.stopped_on_purpose = False  # `RunKilled`: the last validation stays (it decided)
         self._pending: dict[str, float] = {}  # metrics not yet written, see `log_metrics`
         self._pending_step: int | None = None
 
@@ -195,8 +201,8 @@ class MLflowRunLogger(MLFlowLogger):
         self.writer.settle()
 
     def _finalize(self, status: str, reason: str | None) -> None:
-        if status == "KILLED":  # an interrupted epoch's validation: rerun and recorded on resume
-            self._pending = {}
+        if status == "KILLED" and not self.stopped_on_purpose:
+            self._pending = {}  # an interrupted epoch's validation: rerun and recorded on resume
         self.flush()
         if reason is not None:
             self.writer.set_tag(self.run_id, "mlplab.failure", reason[:5000])
