@@ -3,6 +3,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/xor.yaml
+# test processes (pytest-xdist, one file each): most tests wait on one-thread subprocesses
+JOBS   ?= 2
 STORE  ?= sqlite:///mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
@@ -22,11 +24,11 @@ install: $(STAMP) ## create .venv/ and install mlplab into it (with the dev tool
 train: $(STAMP) ## train CONFIG (default configs/xor.yaml) into the MLflow store under mlruns/
 	$(BIN)/mlplab fit --config $(CONFIG)
 
-test: $(STAMP) ## run the test suite, without the slow real-data runs
-	$(BIN)/python -m pytest -m "not slow"
+test: $(STAMP) ## run the test suite, without the slow real-data runs (JOBS=2 processes)
+	$(BIN)/python -m pytest -m "not slow" -n $(JOBS) --dist loadfile
 
 test-all: $(STAMP) ## run every test, the slow real-data runs too
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
 reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and write docs/RESULTS.md
 	$(BIN)/mlplab reproduce

@@ -150,6 +150,69 @@ def test_workers_run_trials_of_one_study_in_parallel_processes(store, tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in done}) == len(done)
 
 
+def test_space_ranges_choices_and_sub_spaces_become_trials_and_overrides():
+    from mlplab.search.space import parse_space, suggest, written_params
+    from mlplab.sweep import point_args
+
+    space = parse_space(
+        {
+            "data.batch_size": {"low": 16, "high": 128, "step": 16},  # int bounds: an int range
+            "model.lr": {"low": 1.0e-4, "high": 0.1, "log": True},
+            "model.net.hidden_sizes": [[300, 100], [500, 150]],
+            "model.optimizer": {"choices": {"SGD": {"model.optimizer.init_args.momentum":
+                                                    {"low": 0.0, "high": 0.9}},
+                                            "Adam": None}},
+        }
+    )  # fmt: skip
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        point = suggest(study.ask(), space)
+        assert isinstance(point["data.batch_size"], int) and point["data.batch_size"] % 16 == 0
+        assert 1.0e-4 <= point["model.lr"] <= 0.1
+        assert point["model.net.hidden_sizes"] in ([300, 100], [500, 150])
+        sgd = point["model.optimizer"] == "SGD"
+        assert ("model.optimizer.init_args.momentum" in point) == sgd  # only when taken
+        seen.add(point["model.optimizer"])
+        args = point_args(point)
+        assert args[2] in (
+            "--model.net.hidden_sizes=[300, 100]",
+            "--model.net.hidden_sizes=[500, 150]",
+        )
+        assert args[3] == f"--model.optimizer={point['model.optimizer']}"  # before its sub-space
+    assert seen == {"SGD", "Adam"}
+
+    class Namespace:  # a parsed config's class value
+        class_path = "torch.optim.SGD"
+
+    written = {"data.batch_size": 32, "model.lr": 0.001, "model.net.hidden_sizes": [300, 100],
+               "model.optimizer": Namespace(),
+               "model.optimizer.init_args.momentum": 0.0}  # fmt: skip
+    params, outside = written_params(space, written.__getitem__)
+    assert params == {"data.batch_size": 32, "model.lr": 0.001, "model.net.hidden_sizes":
+                      "[300,100]", "model.optimizer": "SGD",
+                      "model.optimizer.init_args.momentum": 0.0}  # fmt: skip
+    assert outside == []
+    written["data.batch_size"] = 1000  # outside the range: trial 0 samples it
+    assert written_params(space, written.__getitem__)[1] == ["data.batch_size"]
+
+
+@pytest.mark.parametrize("what", ["sampler", "pruner"])
+def test_every_named_sampler_and_pruner_is_optunas(what):
+    from mlplab.search.study import PRUNERS, SAMPLERS, component
+
+    table = SAMPLERS if what == "sampler" else PRUNERS
+    required = {"percentile": {"percentile": 25.0}}  # the one without defaults
+    for name, cls in table.items():
+        assert type(component({"name": name, **required.get(name, {})}, table, what)) is cls
+
+
+def test_a_timeout_stops_starting_trials(store, tmp_path):
+    main(["search", *search_args(tmp_path, 50, "--timeout", "1")])
+    _, parent, children = runs(store)
+    assert parent.info.status == "FINISHED" and len(children) == 1
+
+
 BAD = {
     "unknown key": ({"model.lrr": {"low": 0.001, "high": 0.1}}, [],
                     "model.lrr is not a setting of this config; did you mean model.lr?"),
@@ -174,6 +237,11 @@ BAD = {
     "DDP trials": ({"model.lr": {"low": 0.001, "high": 0.1}},
                    ["--config", str(ROOT / "configs" / "trainer" / "ddp_cpu.yaml")],
                    "a search runs each trial on one device"),
+    "storage URL": ({"model.lr": {"low": 0.001, "high": 0.1}}, ["--storage", "optuna.db"],
+                    "--storage 'optuna.db' is not a database URL"),
+    "MLflow's database": ({"model.lr": {"low": 0.001, "high": 0.1}},
+                          ["--storage", "sqlite:///mlruns/mlflow.db"],
+                          "the Optuna study cannot live in MLflow's database"),
     "fit override": ({"model.lr": {"low": 0.001, "high": 0.1}}, ["--trainer.max_epochz", "2"],
                      "the fit settings are refused"),
 }  # fmt: skip

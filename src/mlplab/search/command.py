@@ -152,11 +152,37 @@ def main(argv: list[str]) -> None:
 
     component(setup.sampler, SAMPLERS, "sampler")  # refused now, not after a study exists
     component(setup.pruner, PRUNERS, "pruner")
+    check_storage(setup.storage, setup.tracking_uri)
     written = None if args.worker else check_config(setup)
     search = Search(setup)
-    if setup.storage is None and search.storage_url.endswith("/mlflow.db"):
-        raise UserError("the Optuna study cannot share MLflow's database; give --storage")
     search.run(args.workers, written, worker=args.worker)
+
+
+def check_storage(storage: str | None, tracking_uri: str | None) -> None:
+    """`--storage` is a database URL, and not MLflow's own SQLite file (both keep an
+    `alembic_version` table)."""
+    if storage is None:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from mlplab.store import resolve_tracking_uri
+
+    try:
+        url = make_url(storage)
+    except ArgumentError:
+        raise UserError(
+            f"--storage {storage!r} is not a database URL; write e.g. "
+            "sqlite:///mlruns/optuna.db or postgresql://user@host/optuna"
+        ) from None
+    mlflow = resolve_tracking_uri(tracking_uri)
+    if url.get_backend_name() == "sqlite" and mlflow.startswith("sqlite:"):
+        theirs = make_url(mlflow).database
+        if url.database and theirs and Path(url.database).resolve() == Path(theirs).resolve():
+            raise UserError(
+                f"--storage {storage}: the Optuna study cannot live in MLflow's database (both "
+                "keep an alembic_version table); name another file, e.g. mlruns/optuna.db"
+            )
 
 
 # --- the config against the space, before anything is created ----------------------------------
