@@ -42,19 +42,23 @@ def search_args(tmp_path: Path, n_trials: int, *more: str, epochs: int = MAX_EPO
 
 
 def start_and_wait_for_training(args: list[str], tmp_path: Path, trial: int):
-    """`mlplab search ARGS` in a process, returned once `trial` has reported an epoch."""
-    process = subprocess.Popen([sys.executable, "-m", "mlplab", "search", *args],
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    """`mlplab search ARGS` in a process, returned once `trial` has reported an epoch, with
+    the file its stderr goes to."""
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "mlplab", "search", *args],
+                                   stderr=stderr, text=True)  # fmt: skip
     storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        assert process.poll() is None, process.stderr.read()
-        names = optuna.get_all_study_names(storage) if Path(storage[10:]).exists() else []
-        if names:
-            trials = optuna.load_study(study_name=names[0], storage=storage).trials
-            if len(trials) > trial and trials[trial].intermediate_values:
-                return process
+        assert process.poll() is None, log.read_text()
+        if f"mlplab: trial {trial}:" not in log.read_text():
+            continue  # the study exists once a trial starts: read it from then on
+        study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0],
+                                  storage=storage)  # fmt: skip
+        if study.trials[trial].intermediate_values:
+            return process, log
     raise AssertionError("the trial did not start training")
 
 
@@ -115,7 +119,7 @@ def test_search_prunes_and_records_the_best_in_the_parent(store, tmp_path):
 
 def test_a_killed_search_resumes_its_study_and_parent_and_retries_the_lost_trial(store, tmp_path):
     args = search_args(tmp_path, 3, epochs=200)  # a startup trial (not pruned) lasts seconds
-    process = start_and_wait_for_training(args, tmp_path, trial=1)
+    process, _ = start_and_wait_for_training(args, tmp_path, trial=1)
     process.kill()
     process.wait()
     study = study_of(tmp_path, runs(store)[1])
@@ -138,8 +142,8 @@ def test_a_killed_search_resumes_its_study_and_parent_and_retries_the_lost_trial
 
 
 def test_workers_run_trials_of_one_study_in_parallel_processes(store, tmp_path):
-    # trials of a few seconds: the second process (starting in ~8 s) gets some of them
-    main(["search", *search_args(tmp_path, 5, "--workers", "2", epochs=100)])
+    # unpruned trials of seconds each: the second process (up in ~8 s) takes some of them
+    main(["search", *search_args(tmp_path, 5, "--workers", "2", "--pruner", "none", epochs=100)])
     _, parent, children = runs(store)
     assert parent.info.status == "FINISHED"
     study = study_of(tmp_path, parent)
@@ -195,6 +199,8 @@ def test_space_ranges_choices_and_sub_spaces_become_trials_and_overrides():
     assert outside == []
     written["data.batch_size"] = 1000  # outside the range: trial 0 samples it
     assert written_params(space, written.__getitem__)[1] == ["data.batch_size"]
+    files = parse_space({"config": ["a.yaml", "b.yaml"]})  # config files: sampled in trial 0
+    assert written_params(files, written.__getitem__) == ({}, ["config"])
 
 
 @pytest.mark.parametrize("what", ["sampler", "pruner"])
@@ -242,6 +248,11 @@ BAD = {
     "MLflow's database": ({"model.lr": {"low": 0.001, "high": 0.1}},
                           ["--storage", "sqlite:///mlruns/mlflow.db"],
                           "the Optuna study cannot live in MLflow's database"),
+    "sampler YAML": ({"model.lr": {"low": 0.001, "high": 0.1}}, ["--sampler", "{name: tpe"],
+                     "is not a YAML mapping"),
+    "storage folder": ({"model.lr": {"low": 0.001, "high": 0.1}},
+                       ["--storage", "sqlite:////nonexistent/folder/optuna.db"],
+                       "cannot open the Optuna storage"),
     "fit override": ({"model.lr": {"low": 0.001, "high": 0.1}}, ["--trainer.max_epochz", "2"],
                      "the fit settings are refused"),
 }  # fmt: skip
@@ -272,10 +283,10 @@ def test_a_typo_in_a_search_file_is_named(store, tmp_path, capsys):
 
 def test_ctrl_c_ends_the_search_killed_and_the_trial_runs_again(store, tmp_path):
     args = search_args(tmp_path, 2, epochs=200)
-    process = start_and_wait_for_training(args, tmp_path, trial=0)
+    process, log = start_and_wait_for_training(args, tmp_path, trial=0)
     process.send_signal(signal.SIGINT)
-    rest = process.stderr.read()
-    assert process.wait() == 130, rest
+    assert process.wait(timeout=120) == 130, log.read_text()
+    rest = log.read_text()
     assert "Traceback" not in rest and "mlplab: interrupted" in rest
     _, parent, children = runs(store)
     assert parent.info.status == "KILLED" and children[0].info.status == "KILLED"

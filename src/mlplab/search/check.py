@@ -57,7 +57,9 @@ class ConfigCheck(MLPLabCLI):
     def check_one_process(self) -> None:
         """Trials run in the search's process: DDP would relaunch the search in each rank."""
         trainer = self.config.trainer
-        if str(trainer.devices) not in ("1", "[0]") or trainer.num_nodes != 1:
+        devices = trainer.devices
+        one = str(devices) == "1" or (isinstance(devices, list) and len(devices) == 1)
+        if not one or trainer.num_nodes != 1:
             raise UserError(
                 f"trainer.devices {trainer.devices}, num_nodes {trainer.num_nodes}: a search runs "
                 "each trial on one device (--workers N runs N at once); train the best with DDP"

@@ -77,8 +77,11 @@ def read_yaml(path: str, what: str):
 
 def named(value, what: str) -> dict:
     """`tpe` or `{name: tpe, seed: 0}` (YAML text on the command line) -> a mapping."""
-    if isinstance(value, str):
-        value = yaml.safe_load(value) if value.lstrip().startswith("{") else value
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--{what} {value!r} is not a YAML mapping") from None
     if isinstance(value, str):
         return {"name": value}
     if isinstance(value, dict) and "name" in value:
@@ -106,6 +109,8 @@ def settings(argv: list[str]):
     space = parse_space(space_spec)
     all_keys(space)
     metric = args.metric or spec.get("metric", "val/loss")
+    if not isinstance(metric, str):
+        raise UserError(f"--metric must be a metric's name, e.g. val/acc; got {metric!r}")
     direction = args.direction or spec.get("direction")
     if direction is None:
         direction = "minimize" if metric.endswith(("loss", "mae", "mse", "rmse")) else "maximize"
@@ -156,6 +161,8 @@ def main(argv: list[str]) -> None:
     written = None if args.worker else check_config(setup)
     search = Search(setup)
     search.run(args.workers, written, worker=args.worker)
+    if not args.worker and not search.completed:
+        sys.exit(1)  # every trial failed or was pruned: the search found nothing
 
 
 def check_storage(storage: str | None, tracking_uri: str | None) -> None:

@@ -19,7 +19,8 @@ FIGURES = {
 }
 
 
-def record_outcome(search: Search, study: optuna.Study) -> None:
+def record_outcome(search: Search, study: optuna.Study) -> bool:
+    """Whether any trial completed."""
     client, parent, setup = search.client, search.parent, search.setup
     trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
     by_state = {state: sum(t.state == state for t in trials) for state in TrialState}
@@ -56,15 +57,28 @@ def record_outcome(search: Search, study: optuna.Study) -> None:
             f"{setup.metric} {best.value:.4f} with {best.params}")  # fmt: skip
         log_figures(search, study)
         if setup.register_model and run_id is not None:
-            from mlplab.logged_models import register_model
-
-            register_model(
-                f"runs:/{run_id}/model", setup.register_model, search.uri, setup.register_alias
-            )
+            register_best(search, run_id)
     else:
         say(f"search {setup.name}: {summary}; no trial completed")
     failed = bool(trials) and by_state[TrialState.FAIL] == len(trials)
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    return bool(by_state[TrialState.COMPLETE])
+
+
+def register_best(search: Search, run_id: str) -> None:
+    """The best trial's model in the registry, unless the alias already points at it (a
+    finished search run again)."""
+    from mlflow.exceptions import MlflowException
+
+    from mlplab.logged_models import register_model
+
+    name, alias = search.setup.register_model, search.setup.register_alias
+    try:
+        if alias and search.client.get_model_version_by_alias(name, alias).run_id == run_id:
+            return
+    except MlflowException:  # no such model or alias yet
+        pass
+    register_model(f"runs:/{run_id}/model", name, search.uri, alias)
 
 
 def log_figures(search: Search, study: optuna.Study) -> None:

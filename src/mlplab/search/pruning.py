@@ -20,6 +20,10 @@ class Pruned(RunKilled, optuna.TrialPruned):
     """Optuna pruned the trial: its fit ends, its run KILLED, its trial PRUNED."""
 
 
+class MetricNotLogged(UserError):
+    """The model does not log the search's metric: every trial would fail alike."""
+
+
 class PruneTrial(Callback):
     """Report `metric` to `trial` at every validation (the step is the validation's number, so
     trials with other batch sizes still compare at the same point), and prune."""
@@ -45,8 +49,10 @@ class PruneTrial(Callback):
         value = trainer.callback_metrics.get(self.metric)
         if value is None:
             logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
-            raise UserError(f"the search's metric {self.metric} is not logged; the model logs "
-                            f"{', '.join(logged) or 'no val/ metric'}")  # fmt: skip
+            raise MetricNotLogged(
+                f"the search's metric {self.metric} is not logged; the model logs "
+                f"{', '.join(logged) or 'no val/ metric'}"
+            )
         self.value = float(value)
         self.epochs = max(self.epochs, trainer.current_epoch + 1)
         self.trial.report(self.value, self.validations)

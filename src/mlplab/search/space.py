@@ -174,6 +174,9 @@ def written_params(space: dict[str, Dimension], lookup) -> tuple[dict, list[str]
     parsed config), and the keys whose value lies outside the space (trial 0 samples them)."""
     params, outside = {}, []
     for key, dim in space.items():
+        if key == "config":  # a choice of files, not a setting: trial 0 samples it
+            outside.append(key)
+            continue
         try:
             written = lookup(key)
         except KeyError:

@@ -8,8 +8,10 @@ command again continues the same study and the same parent run, up to `n_trials`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -23,9 +25,10 @@ from typing import Any
 import optuna
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from mlplab.errors import UserError
-from mlplab.search.pruning import Pruned, PruneTrial
+from mlplab.search.pruning import MetricNotLogged, Pruned, PruneTrial
 from mlplab.search.space import Dimension, suggest
 from mlplab.store import local_store_root, resolve_tracking_uri, store_lock
 from mlplab.sweep import open_parent, point_args, point_name
@@ -124,41 +127,48 @@ class Search:
     def __init__(self, setup: Setup) -> None:
         self.setup = setup
         self.uri = resolve_tracking_uri(setup.tracking_uri)
+        self.storage_url = setup.storage or default_storage(self.uri)
         identity = json.dumps(
-            [setup.configs, setup.space_spec, setup.extra, setup.metric, setup.direction],
+            [setup.configs, setup.space_spec, setup.extra, setup.metric, setup.direction,
+             setup.name, self.storage_url],
             sort_keys=True,
             default=str,
-        )
+        )  # fmt: skip
         self.key = hashlib.sha1(identity.encode()).hexdigest()[:12]
         self.study_name = f"{setup.name}-{self.key}"
-        self.storage_url = setup.storage or default_storage(self.uri)
+        self.parent: str | None = None
+        self.completed = False  # whether any trial completed (the first process's record)
+
+    @functools.cached_property
+    def client(self):
+        """MLflow's client, made once the study could be opened (it creates a new store)."""
         from mlflow.tracking import MlflowClient
 
         with store_lock(local_store_root(self.uri)):
-            self.client = MlflowClient(self.uri)
-        self.parent: str | None = None
+            return MlflowClient(self.uri)
 
     # --- the study and the parent run ------------------------------------------------------
     def open_study(self, written: dict | None = None, worker: int = 0) -> optuna.Study:
-        """Create the study or load it; a new one's first trial is the config as written.
-        A seeded sampler draws another sequence in each worker (the same would repeat trials)."""
-        sampler = dict(self.setup.sampler)
-        if worker and sampler.get("seed") is not None:
-            sampler["seed"] += worker
+        """Create the study or load it; a new one's first trial is the config as written."""
         sqlite = self.storage_url.startswith("sqlite")
         with warnings.catch_warnings():  # heartbeats, metric names: "experimental" in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                self.storage_url,
-                engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=self.run_again,
-            )
+            try:
+                storage = optuna.storages.RDBStorage(
+                    self.storage_url,
+                    engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=self.run_again,
+                )
+            except (ImportError, SQLAlchemyError) as err:
+                reason = str(err).strip().splitlines()[0]
+                raise UserError(
+                    f"cannot open the Optuna storage {self.storage_url}: {reason}"
+                ) from None
             study = optuna.create_study(
                 study_name=self.study_name,
                 storage=storage,
-                sampler=component(sampler, SAMPLERS, "sampler"),
                 pruner=component(self.setup.pruner, PRUNERS, "pruner"),
                 direction=self.setup.direction,
                 load_if_exists=True,
@@ -166,6 +176,12 @@ class Search:
             if written is not None and not study.trials:
                 study.set_metric_names([self.setup.metric])
                 study.enqueue_trial(written, user_attrs={"mlplab.origin": "config"})
+        # A seeded sampler draws another sequence in each worker and each attempt: the same
+        # sequence again would repeat the trials it drew before.
+        sampler = dict(self.setup.sampler)
+        if sampler.get("seed") is not None:
+            sampler["seed"] += 1000 * worker + len(study.trials)
+        study.sampler = component(sampler, SAMPLERS, "sampler")
         return study
 
     def open_parent(self) -> str:
@@ -219,9 +235,17 @@ class Search:
             raise optuna.TrialPruned(str(pruned)) from None
         except SIGTERMException:
             raise  # the trial stays RUNNING with a dead process: `reclaim` retries it
-        except SystemExit as exit_:  # Lightning's way out of a Ctrl-C'd fit
-            self.finish(trial, pruning, "FAIL", "interrupted: it runs again when the search does")
-            raise KeyboardInterrupt from exit_
+        except SystemExit as exit_:
+            if isinstance(exit_.__context__, KeyboardInterrupt):  # how Lightning ends a Ctrl-C
+                self.finish(trial, pruning, "FAIL", "interrupted: it runs again with the search")
+                raise KeyboardInterrupt from exit_
+            reason = f"the fit exited with status {exit_.code} (its message is above)"
+            trial.set_user_attr("mlplab.error", reason)
+            self.finish(trial, pruning, "FAIL", f"failed: {reason}")
+            raise TrialFailed(reason) from None
+        except MetricNotLogged:
+            trial.set_user_attr("mlplab.error", "metric not logged")
+            raise  # every trial would fail alike: the search stops
         except Exception as err:  # noqa: BLE001 - a fit's failure is its trial's result
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             trial.set_user_attr("mlplab.error", reason)
@@ -232,6 +256,11 @@ class Search:
             trial.set_user_attr("mlplab.error", reason)
             self.finish(trial, pruning, "FAIL", reason)
             raise UserError(f"{reason}; the data needs a validation split")
+        if not math.isfinite(pruning.value):  # Optuna would fail it as if lost
+            reason = f"{setup.metric} is {pruning.value}"
+            trial.set_user_attr("mlplab.error", reason)
+            self.finish(trial, pruning, "FAIL", f"failed: {reason}")
+            raise TrialFailed(reason)
         self.finish(trial, pruning, "COMPLETE", f"{setup.metric} {pruning.value:.4f}")
         return pruning.value
 
@@ -244,7 +273,18 @@ class Search:
 
     def reclaim(self, study: optuna.Study, *_) -> None:
         """Trials lost with their process on this machine (killed, interrupted) are failed and
-        run again; a live process's trials, or another machine's, are left to the heartbeat."""
+        run again; a live process's trials, or another machine's, are left to the heartbeat.
+        Workers of one SQLite study take turns, so that a lost trial is run again once."""
+        with store_lock(self.lock_folder):
+            self.reclaim_now(study)
+
+    @property
+    def lock_folder(self) -> Path | None:
+        if not self.storage_url.startswith("sqlite:///"):
+            return None  # a server's workers may race to run a lost trial again: twice at worst
+        return Path(self.storage_url.removeprefix("sqlite:///")).parent
+
+    def reclaim_now(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
         retried = {t.user_attrs.get("mlplab.retry_of") for t in trials}
         for trial in trials:
@@ -306,17 +346,18 @@ class Search:
             self.optimize(study)
             for process in others:
                 process.wait()
-        except BaseException:
+            if not worker:
+                from mlplab.search.outcome import record_outcome
+
+                self.completed = record_outcome(self, study)
+        except BaseException as err:
             for process in others:
                 process.send_signal(signal.SIGTERM)
                 process.wait()
             if not worker:
-                self.client.set_terminated(self.parent, "KILLED")
+                interrupted = isinstance(err, KeyboardInterrupt | SystemExit)
+                self.client.set_terminated(self.parent, "KILLED" if interrupted else "FAILED")
             raise
-        if not worker:
-            from mlplab.search.outcome import record_outcome
-
-            record_outcome(self, study)
         return study
 
     def find_parent(self) -> str:
