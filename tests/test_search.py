@@ -219,6 +219,22 @@ def test_a_timeout_stops_starting_trials(store, tmp_path):
     assert parent.info.status == "FINISHED" and len(children) == 1
 
 
+def test_a_sweep_file_with_a_search_section_is_a_search(store, tmp_path):
+    from mlplab.sweep import load_sweep_file
+
+    sweep = {"config": MOONS, "metric": "val/acc", "mode": "max", "name": "moons-lr",
+             "grid": {"model.lr": [0.01, 0.1]},
+             "search": {"space": {"model.lr": {"low": 0.001, "high": 0.1}},
+                        "n_trials": 1}}  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    assert load_sweep_file("sweep.yaml")["grid"]  # still a sweep file for `mlplab sweep`
+    main(["search", "sweep.yaml", "--trainer.max_epochs=4", "--log_system_metrics=false"])
+    _, parent, children = runs(store)
+    assert parent.info.run_name == "moons-lr" and parent.info.status == "FINISHED"
+    assert parent.data.params["search.direction"] == "maximize" and len(children) == 1
+    assert children[0].data.params["model.lr"] == "0.01"  # trial 0: the config as written
+
+
 BAD = {
     "unknown key": ({"model.lrr": {"low": 0.001, "high": 0.1}}, [],
                     "model.lrr is not a setting of this config; did you mean model.lr?"),

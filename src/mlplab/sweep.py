@@ -90,11 +90,11 @@ def load_sweep_file(path: str) -> dict:
         spec = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read sweep file {path}: {err}") from None
-    unknown = set(spec) - {"config", "grid", "metric", "mode", "args", "name"}
+    unknown = set(spec) - {"config", "grid", "metric", "mode", "args", "name", "search"}
     if unknown or not isinstance(spec.get("grid"), dict):
         raise UserError(
             f"sweep file {path}: expected keys config, grid (a mapping), metric, mode, args, "
-            f"name; got {sorted(spec)}"
+            f"name, search (for `mlplab search`); got {sorted(spec)}"
         )
     return spec
 

@@ -54,9 +54,16 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def load_search_file(path: str) -> dict:
+    """A search file; or a sweep file with a `search:` section (the sweep's config, metric,
+    mode, args and name, the section's space, budget, sampler and pruner)."""
     spec = read_yaml(path, "search file")
     if not isinstance(spec, dict):
         raise UserError(f"search file {path}: expected a mapping with keys {sorted(FILE_KEYS)}")
+    if "grid" in spec and isinstance(spec.get("search"), dict):
+        sweep = {k: v for k, v in spec.items() if k in ("config", "metric", "args", "name")}
+        if spec.get("mode") in ("min", "max"):
+            sweep["direction"] = "minimize" if spec["mode"] == "min" else "maximize"
+        spec = {**sweep, **spec["search"]}
     unknown = sorted(set(spec) - FILE_KEYS)
     if unknown:
         close = difflib.get_close_matches(unknown[0], FILE_KEYS, n=1)
