@@ -1,7 +1,11 @@
 """`mlplab search`: an Optuna study of `mlplab fit` runs, pruned, resumable, one MLflow parent.
 
-    mlplab search --config configs/moons.yaml --space space.yaml --metric val/acc --n_trials 20
+    mlplab search --config configs/moons.yaml --space configs/searches/moons_space.yaml \
+        --metric val/acc --n_trials 20
     mlplab search configs/searches/mnist_optimizers.yaml [--workers 2] [--trainer.max_epochs 5]
+
+A search file holds the options (config, space, metric, ...); a sweep file may carry them in a
+`search:` section.
 
 The space is keyed by the CLI's dotted names (see `mlplab.search.space`). Each trial is a fit
 with the trial's values as overrides, an MLflow child run of the search's parent run; Optuna's
