@@ -94,7 +94,9 @@ def component(spec: dict, table: dict, what: str):
     if name not in table:
         raise UserError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
     try:
-        return table[name](**settings)
+        with warnings.catch_warnings():  # QMC and GP samplers are "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return table[name](**settings)
     except (TypeError, ValueError) as err:
         raise UserError(f"{what} {name}: {err}") from None
 
