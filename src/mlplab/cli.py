@@ -12,10 +12,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from mlplab.checkpoints import Checkpoint, latest_checkpoint
-from mlplab.errors import UserError
+from mlplab.errors import UserError, parse_cause
 from mlplab.logged_models import log_model
 from mlplab.models.tasks import Regressor
 from mlplab.predict import PredictionWriter
@@ -45,6 +46,7 @@ class _Parser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
+        message = parse_cause(message)
         sys.stderr.write(f"error: {message}\ntip: `{prog} --help` lists the options\n")
         self.exit(2)
 
@@ -65,6 +67,35 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     if config is None:
         raise UserError(f"{path} carries no config (not written by `mlplab fit`); add --config")
     return [args[0], "--config", config, *args[1:]]
+
+
+def check_config_files(args: list[str]) -> list[str]:
+    """Each `--config` file is text YAML with settings in it: said in one line naming the file
+    (jsonargparse reports a binary file with a traceback, a syntax error in "<unicode string>",
+    an empty file as "Unexpected config: ")."""
+    import yaml
+
+    flags = [arg.split("=", 1)[0] for arg in args]
+    for at, flag in enumerate(flags):
+        if flag not in ("--config", "-c"):
+            continue
+        path = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
+        if not Path(path).is_file():
+            continue  # YAML text, or a missing file: jsonargparse says so
+        try:
+            content = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"config {path} is not a text file; give a YAML config") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"config {path}: YAML syntax error{where}: {problem}") from None
+        if content is None:
+            raise UserError(f"config {path} is empty; write its settings, or leave it out")
+        if not isinstance(content, dict):
+            raise UserError(f"config {path} is not a mapping of settings (model:, data:, ...)")
+    return args
 
 
 def with_experiment_name(args: list[str]) -> list[str]:
@@ -105,7 +136,7 @@ class MLPLabCLI(LightningCLI):
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
             trainer_defaults={"default_root_dir": "mlruns", "callbacks": list(callbacks)},
             args=with_experiment_name(
-                with_checkpoint_config(sys.argv[1:] if args is None else args)
+                with_checkpoint_config(check_config_files(sys.argv[1:] if args is None else args))
             ),
             run=run,
         )
@@ -285,7 +316,10 @@ class MLPLabCLI(LightningCLI):
             ]
         # each `Checkpoint` with `save_last` brings the callback that keeps last.ckpt the latest
         latest = [c.latest for c in callbacks if isinstance(c, Checkpoint) and c.latest]
-        return super()._instantiate_trainer(config, [*callbacks, *latest])
+        try:
+            return super()._instantiate_trainer(config, [*callbacks, *latest])
+        except MisconfigurationException as err:  # Lightning's own checks of its settings
+            raise UserError(f"trainer: {str(err).strip().splitlines()[0]}") from None
 
     def resolve_checkpoint(self, experiment: str) -> Path | None:
         """The checkpoint `--ckpt_path` names (`last`: the experiment's newest; on SLURM, a

@@ -1,3 +1,6 @@
+import re
+
+
 class UserError(Exception):
     """A mistake in what the user asked for or supplied: shown as one line, exit status 2."""
 
@@ -13,3 +16,19 @@ class TrainingDiverged(UserError):
 class RunKilled(Exception):
     """Ends a fit early on purpose (a search pruning its trial): the run is marked KILLED, not
     FAILED, with this message as the `mlplab.failure` tag."""
+
+
+# the lines of jsonargparse's nested report that only say where the cause sits
+NESTING = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value",
+           "Problem with given class_path", "Expected a <class 'NoneType'>")  # fmt: skip
+
+
+def parse_cause(message: str) -> str:
+    """jsonargparse's nested report (`Parser key "model": ... Parser key "lr": Not of type
+    LearningRate: ...`, up to 14 lines) as one line: the dotted key, then the cause."""
+    keys = re.findall(r'Parser key "([^"]+)":', message)
+    tail = message[message.rfind('Parser key "') :].split(":", 1)[-1] if keys else message
+    lines = [line.strip().removeprefix("- ") for line in tail.splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(NESTING)] or lines or [message]
+    cause = causes[0].split(" Got value:")[0]
+    return f"{'.'.join(keys)}: {cause}" if keys else cause

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mlplab.errors import UserError
+from mlplab.ranges import BatchSize, Width
 
 # features (N, F) float32, targets (N,) int64 or (N, T) float32, and optionally per-sample
 # weights (N,) float32 that scale each sample's loss
@@ -86,9 +87,9 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
 
     def __init__(
         self,
-        batch_size: int = 32,
+        batch_size: BatchSize = 32,
         standardize: bool = False,
-        chunk: int = 1,
+        chunk: Width = 1,
         on_device: bool = False,
         global_batch: bool = False,
     ) -> None:

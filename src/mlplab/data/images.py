@@ -12,6 +12,7 @@ import torch
 
 from mlplab.data.base import ArrayDataModule, Split
 from mlplab.errors import UserError
+from mlplab.ranges import BatchSize
 
 DATA_DIR_ENV = "MLPLAB_DATA_DIR"
 
@@ -69,7 +70,7 @@ class MNISTDataModule(ArrayDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        batch_size: int = 32,
+        batch_size: BatchSize = 32,
         val_size: int = 5000,
         split_seed: int | None = None,
         classes: Sequence[int] | None = None,

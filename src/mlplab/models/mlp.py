@@ -8,6 +8,8 @@ from typing import Literal
 
 from torch import nn
 
+from mlplab.ranges import Probability, Width
+
 Activation = Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "linear"]
 Init = Literal["default", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal"]
 
@@ -69,13 +71,13 @@ class MLP(nn.Sequential):
         self,
         in_features: int,
         out_features: int,
-        hidden_sizes: Sequence[int] = (64,),
+        hidden_sizes: Sequence[Width] = (64,),
         activation: Activation = "relu",
         negative_slope: float = 0.01,
         batch_norm: bool = False,
         input_batch_norm: bool = False,
-        dropout: float = 0.0,
-        input_dropout: float = 0.0,
+        dropout: Probability = 0.0,
+        input_dropout: Probability = 0.0,
         init: Init = "default",
         batch_norm_eps: float = 1e-3,
         batch_norm_momentum: float = 0.01,

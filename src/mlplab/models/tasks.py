@@ -28,6 +28,7 @@ from torch import nn
 
 from mlplab.data.base import described_outputs
 from mlplab.errors import TrainingDiverged, UserError
+from mlplab.ranges import LearningRate
 
 # An optimizer class and its settings; the parameters and `lr` are given at construction, so the
 # config has one learning rate (`model.lr`) that survives a change of optimizer and that
@@ -90,7 +91,7 @@ class Task(LightningModule, abc.ABC):
         net: NetFactory,
         num_features: int,
         num_outputs: int,
-        lr: float = 1e-3,
+        lr: LearningRate = 1e-3,
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from mlplab.errors import UserError
+from mlplab.errors import UserError, parse_cause
 from mlplab.search.space import Dimension, all_keys, parse_space, written_params
 from mlplab.sweep import point_args
 
@@ -260,12 +260,5 @@ def check_space(space: dict[str, Dimension], check, base: list[str], config) -> 
                 check_space(branch, check, args, parsed)
 
 
-NESTING = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value",
-           "- Problem with given class_path", "- Expected a <class 'NoneType'>")  # fmt: skip
-
-
 def first_line(err: Exception) -> str:
-    """The cause in jsonargparse's nested report: its first line that is not nesting."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    causes = [line.removeprefix("- ") for line in lines if not line.startswith(NESTING)]
-    return (causes or lines or [type(err).__name__])[0]
+    return parse_cause(str(err))
