@@ -1,5 +1,5 @@
-"""Settings out of range and config files that are no YAML settings: refused while parsing,
-in one line naming the key or the file (a `tip:` line at most), before any run exists."""
+"""Settings out of range and config files that are no YAML settings: refused in one line
+naming the key, class or file (a `tip:` line at most), before any store or run exists."""
 
 from __future__ import annotations
 
@@ -11,20 +11,24 @@ from mlplab.main import main
 
 XOR = config("xor")
 CASES = {
-    # values the signatures' ranges refuse (mlplab.ranges)
+    # values their classes refuse when built: before a Trainer or a run exists
     "negative width": (["--model.net.hidden_sizes", "[-2]"],
-                       "model.net.hidden_sizes: Not of type PositiveInt: -2"),
-    "zero width": (["--model.net.hidden_sizes", "[4, 0]"], "model.net.hidden_sizes"),
-    "dropout 1.5": (["--model.net.dropout", "1.5"], "model.net.dropout: Not of type Probability"),
-    "dropout 1": (["--model.net.input_dropout", "1"], "model.net.input_dropout"),
-    "negative lr": (["--model.lr", "-0.1"], "model.lr: Not of type LearningRate: -0.1"),
-    "nan lr": (["--model.lr", "nan"], "model.lr: Not of type LearningRate: nan"),
-    "infinite lr": (["--model.lr", "inf"], "model.lr"),
-    "negative batch": (["--data.batch_size", "-5"], "data.batch_size: Not of type NonNegativeInt"),
-    "zero chunk": (["--data.chunk", "0"], "data.chunk: Not of type PositiveInt"),
-    # jsonargparse's reports, condensed to the key and the cause
+                       "cannot build mlplab.models.Classifier: hidden_sizes must be positive"),
+    "zero width": (["--model.net.hidden_sizes", "[4, 0]"], "hidden_sizes must be positive"),
+    "dropout 1.5": (["--model.net.dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+    "dropout 1": (["--model.net.input_dropout", "1"], "input_dropout must be in [0, 1)"),
+    "negative lr": (["--model.lr", "-0.1"], "lr must be a positive finite number, got -0.1"),
+    "negative batch": (["--data.batch_size", "-5"],
+                       "cannot build mlplab.data.XORDataModule: batch_size must be positive"),
+    "zero chunk": (["--data.chunk", "0"], "chunk must be at least 1, got 0"),
+    # jsonargparse's reports, cut to the dotted key and the cause
+    "nan lr": (["--model.lr", "nan"], "model.lr: Expected a <class 'float'>. (got 'nan')"),
+    "unknown activation": (["--model.net.activation", "swish"],
+                           "model.net.activation: Expected a typing.Literal["),
     "unknown model key": (["--model.lrr", "0.1"], "model: Option 'lrr' is not accepted"),
     "unknown optimizer": (["--model.optimizer", "Adamm"], "model.optimizer: Expected a path"),
+    "abstract data class": (["--data", "mlplab.data.ArrayDataModule"],
+                            "data: Expected an instantiatable class, but is abstract"),
 }  # fmt: skip
 FILES = {
     "empty": (b"", "is empty; write its settings, or leave it out"),

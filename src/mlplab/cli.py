@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -229,9 +230,10 @@ class MLPLabCLI(LightningCLI):
             if mistakes:  # the class said what is wrong: that line alone
                 raise mistakes[0] from None
             named = [str(e) for e in chain if "Problem with given class_path" in str(e)]
-            if not named:
+            given = re.search(r"class_path='([^']+)'", str(chain[0]))
+            if not named and not given:
                 raise
-            class_path = named[-1].split("'")[1]
+            class_path = named[-1].split("'")[1] if named else given.group(1)
             reason = str(chain[-1]).strip().splitlines()[0]
             hint = (
                 "; install it (`pip install 'mlplab[tensorboard]'` for TensorBoardLogger)"

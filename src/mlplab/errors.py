@@ -24,11 +24,17 @@ NESTING = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given val
 
 
 def parse_cause(message: str) -> str:
-    """jsonargparse's nested report (`Parser key "model": ... Parser key "lr": Not of type
-    LearningRate: ...`, up to 14 lines) as one line: the dotted key, then the cause."""
+    """jsonargparse's nested report (`Parser key "model": ... Parser key "activation":
+    Expected a typing.Literal[...]`, up to 14 lines) as one line: the dotted key, the cause."""
     keys = re.findall(r'Parser key "([^"]+)":', message)
     tail = message[message.rfind('Parser key "') :].split(":", 1)[-1] if keys else message
-    lines = [line.strip().removeprefix("- ") for line in tail.splitlines() if line.strip()]
-    causes = [line for line in lines if not line.startswith(NESTING)] or lines or [message]
-    cause = causes[0].split(" Got value:")[0]
+    indented = [(len(line) - len(line.lstrip()), line.strip().removeprefix("- "))
+                for line in tail.splitlines() if line.strip()]  # fmt: skip
+    causes = [(depth, line) for depth, line in indented if not line.startswith(NESTING)]
+    # of alternatives (a path, else a class), the deepest is the one that was tried furthest
+    cause = max(causes, key=lambda c: c[0])[1] if causes else message.strip().splitlines()[0]
+    cause = cause.split(" Got value:")[0]
+    given = re.search(r"NestedArg\(key='[^']*', val=(.*)\)\s*$", message)
+    if given and given.group(1).strip("'\"") not in cause:
+        cause += f" (got {given.group(1)})"
     return f"{'.'.join(keys)}: {cause}" if keys else cause

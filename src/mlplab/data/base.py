@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mlplab.errors import UserError
-from mlplab.ranges import BatchSize, Width
 
 # features (N, F) float32, targets (N,) int64 or (N, T) float32, and optionally per-sample
 # weights (N,) float32 that scale each sample's loss
@@ -87,9 +86,9 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
 
     def __init__(
         self,
-        batch_size: BatchSize = 32,
+        batch_size: int = 32,
         standardize: bool = False,
-        chunk: Width = 1,
+        chunk: int = 1,
         on_device: bool = False,
         global_batch: bool = False,
     ) -> None:
@@ -97,6 +96,10 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
         self.save_hyperparameters(logger=False)
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
+        if batch_size < 0:
+            raise ValueError(
+                f"batch_size must be positive (or 0: the whole split), got {batch_size}"
+            )
         self.batch_size = batch_size
         self.standardize = standardize
         self.chunk = chunk

@@ -8,7 +8,6 @@ import numpy as np
 
 from mlplab.data.base import ArrayDataModule
 from mlplab.data.images import DatasetError
-from mlplab.ranges import BatchSize
 
 
 class FileDataModule(ArrayDataModule):
@@ -26,7 +25,7 @@ class FileDataModule(ArrayDataModule):
         val_fraction: float = 0.2,
         test_fraction: float | None = None,
         seed: int = 0,
-        batch_size: BatchSize = 32,
+        batch_size: int = 32,
         **kwargs,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)

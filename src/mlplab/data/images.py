@@ -12,7 +12,6 @@ import torch
 
 from mlplab.data.base import ArrayDataModule, Split
 from mlplab.errors import UserError
-from mlplab.ranges import BatchSize
 
 DATA_DIR_ENV = "MLPLAB_DATA_DIR"
 
@@ -70,7 +69,7 @@ class MNISTDataModule(ArrayDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        batch_size: BatchSize = 32,
+        batch_size: int = 32,
         val_size: int = 5000,
         split_seed: int | None = None,
         classes: Sequence[int] | None = None,

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from mlplab.data.base import ArrayDataModule, Split
-from mlplab.ranges import BatchSize
 
 
 def _split(x: np.ndarray, y: np.ndarray, y_dtype: torch.dtype) -> Split:
@@ -23,7 +22,7 @@ class XORDataModule(ArrayDataModule):
     num_classes = 2
     splits = ("train", "val", "test")
 
-    def __init__(self, batch_size: BatchSize = 1, **kwargs) -> None:
+    def __init__(self, batch_size: int = 1, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
 
     def load_splits(self) -> dict[str, Split]:
@@ -45,7 +44,7 @@ class MoonsDataModule(ArrayDataModule):
         n_samples: int = 400,
         n_holdout: int = 200,
         noise: float = 0.1,
-        batch_size: BatchSize = 32,
+        batch_size: int = 32,
         seed: int = 0,
         **kwargs,
     ) -> None:
@@ -65,7 +64,7 @@ class MoonsDataModule(ArrayDataModule):
 class IrisDataModule(ArrayDataModule):
     """Iris split 2/3 train, 1/3 validation with the seed's `train_test_split(random_state=999)`."""
 
-    def __init__(self, batch_size: BatchSize = 1, seed: int = 999, **kwargs) -> None:
+    def __init__(self, batch_size: int = 1, seed: int = 999, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.seed = seed
 
@@ -118,7 +117,7 @@ class DigitsDataModule(ArrayDataModule):
     image_shape = (8, 8)
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
 
-    def __init__(self, n_train: int = 1000, batch_size: BatchSize = 16, **kwargs) -> None:
+    def __init__(self, n_train: int = 1000, batch_size: int = 16, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.n_train = n_train
 

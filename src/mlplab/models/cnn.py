@@ -7,8 +7,6 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from mlplab.ranges import Width
-
 
 class ConvNet(nn.Sequential):
     """Conv-ReLU-MaxPool blocks, then a dense layer with dropout and the output layer.
@@ -22,7 +20,7 @@ class ConvNet(nn.Sequential):
         self,
         in_features: int,
         out_features: int,
-        channels: Sequence[Width] = (32, 64),
+        channels: Sequence[int] = (32, 64),
         in_channels: int = 1,
         kernel_size: int = 3,
         hidden: int = 128,

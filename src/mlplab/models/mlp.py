@@ -8,8 +8,6 @@ from typing import Literal
 
 from torch import nn
 
-from mlplab.ranges import Probability, Width
-
 Activation = Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "linear"]
 Init = Literal["default", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal"]
 
@@ -71,13 +69,13 @@ class MLP(nn.Sequential):
         self,
         in_features: int,
         out_features: int,
-        hidden_sizes: Sequence[Width] = (64,),
+        hidden_sizes: Sequence[int] = (64,),
         activation: Activation = "relu",
         negative_slope: float = 0.01,
         batch_norm: bool = False,
         input_batch_norm: bool = False,
-        dropout: Probability = 0.0,
-        input_dropout: Probability = 0.0,
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
         init: Init = "default",
         batch_norm_eps: float = 1e-3,
         batch_norm_momentum: float = 0.01,
@@ -85,6 +83,11 @@ class MLP(nn.Sequential):
         def norm(width: int) -> nn.BatchNorm1d:
             return nn.BatchNorm1d(width, eps=batch_norm_eps, momentum=batch_norm_momentum)
 
+        if any(size < 1 for size in hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive widths, got {list(hidden_sizes)}")
+        for name, rate in (("dropout", dropout), ("input_dropout", input_dropout)):
+            if not 0 <= rate < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
         layers: list[nn.Module] = [nn.Flatten()]
         if input_batch_norm:
             layers.append(norm(in_features))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import copy
 import importlib
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -28,7 +29,6 @@ from torch import nn
 
 from mlplab.data.base import described_outputs
 from mlplab.errors import TrainingDiverged, UserError
-from mlplab.ranges import LearningRate
 
 # An optimizer class and its settings; the parameters and `lr` are given at construction, so the
 # config has one learning rate (`model.lr`) that survives a change of optimizer and that
@@ -91,7 +91,7 @@ class Task(LightningModule, abc.ABC):
         net: NetFactory,
         num_features: int,
         num_outputs: int,
-        lr: LearningRate = 1e-3,
+        lr: float = 1e-3,
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -119,8 +119,8 @@ class Task(LightningModule, abc.ABC):
             self.net = net
         else:
             self.net = net(num_features, num_outputs)
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.input_norm = Standardize(num_features) if standardize else nn.Identity()

@@ -209,11 +209,11 @@ class Search:
         from mlplab.cli import MLPLabCLI
 
         setup = self.setup
-        point = suggest(trial, setup.space)
-        retry_of = trial.user_attrs.get("mlplab.retry_of")
         for key, value in {"mlplab.host": HOST, "mlplab.pid": os.getpid(), "mlplab.epochs": 0,
                            "mlflow.run_id": None}.items():  # fmt: skip
             trial.set_user_attr(key, value)
+        point = suggest(trial, setup.space)
+        retry_of = trial.user_attrs.get("mlplab.retry_of")
         config = {k: v for k, v in point.items() if k == "config"}
         settings = {k: v for k, v in point.items() if k != "config"}
         tags = {"mlflow.parentRunId": self.parent, "optuna.study": self.study_name,
@@ -291,9 +291,9 @@ class Search:
         retried = {t.user_attrs.get("mlplab.retry_of") for t in trials}
         for trial in trials:
             if trial.state == TrialState.RUNNING:
-                attrs = trial.user_attrs
-                if attrs.get("mlplab.host") != HOST or alive(attrs.get("mlplab.pid")):
-                    continue
+                attrs, pid = trial.user_attrs, trial.user_attrs.get("mlplab.pid")
+                if attrs.get("mlplab.host") != HOST or pid is None or alive(pid):
+                    continue  # another machine's, just asked for (no pid yet), or alive
                 trial = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             elif trial.state != TrialState.FAIL or counted(trial) or trial.number in retried:
                 continue
