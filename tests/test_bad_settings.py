@@ -76,3 +76,22 @@ def test_a_config_file_that_is_no_settings_is_named(store, tmp_path, capfd, case
     lines = refused(capfd, ["--config", str(path)])
     assert len(lines) == 1 and lines[0].startswith(f"mlplab: error: config {path}"), lines
     assert message in lines[0]
+
+
+OUTPUTS = {
+    # a fit override's value is no sweep file (was "cannot read sweep file 2")
+    "sweep override": (["sweep", "--trainer.max_epochs", "2"], "give --config and --grid"),
+    # a grid value split by the shell
+    "sweep grid": (["sweep", "--config", XOR, "--grid", "model.lr=[0.1,", "0.01]"],
+                   "--grid 'model.lr=[0.1,': write KEY=[VALUE, ...]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", OUTPUTS, ids=list(OUTPUTS))
+def test_sweep_arguments_are_one_line(store, capfd, case):
+    args, message = OUTPUTS[case]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err

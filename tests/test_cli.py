@@ -193,7 +193,7 @@ def test_predict_from_the_mlflow_model_and_from_the_checkpoint(xor_run, tmp_path
     np.savetxt(tmp_path / "x.csv", XOR, delimiter=",", header="x1,x2", comments="")
     best = next((tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt"))
     for source in (f"runs:/{run.info.run_id}/model", str(best)):
-        out = tmp_path / "p.csv"
+        out = tmp_path / "predictions" / Path(source).stem / "p.csv"  # folders made as needed
         main(
             ["predict", "--model", source, "--input", str(tmp_path / "x.csv"), "--output", str(out)]
         )

@@ -201,7 +201,7 @@ def test_onnx_export_matches_the_checkpoint(name, tmp_path, capsys):
     trainer.strategy.connect(task)
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
-    output = tmp_path / "model.onnx"
+    output = tmp_path / "onnx" / "model.onnx"  # a folder not there yet: made
     main(["export", "--model", str(checkpoint), "--output", str(output)])
     assert "ONNX Runtime matches the checkpoint" in capsys.readouterr().err
     session = onnxruntime.InferenceSession(str(output))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mlplab.errors import UserError
+from mlplab.store import output_folder
 
 
 def export_onnx(checkpoint: str, output: Path, tolerance: float = 1e-5) -> float:
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args(argv)
     try:
-        difference = export_onnx(args.model, args.output, args.tolerance)
+        difference = export_onnx(args.model, output_folder(args.output), args.tolerance)
     except UserError as err:
         parser.exit(2, f"mlplab export: error: {err}\n")
     print(

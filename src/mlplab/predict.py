@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from mlplab.data.base import described_outputs
 from mlplab.errors import UserError
+from mlplab.store import output_folder
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -102,7 +103,10 @@ def read_rows(path: Path) -> pd.DataFrame:
 
 
 def write_frame(frame: pd.DataFrame, path: Path | None) -> None:
-    """CSV (stdout if None), Parquet, or NPY (the numeric columns) by the file's suffix."""
+    """CSV (stdout if None), Parquet, or NPY (the numeric columns) by the file's suffix; a
+    missing folder is created."""
+    if path is not None:
+        output_folder(path)
     if path is not None and path.suffix == ".npy":
         np.save(path, frame.select_dtypes("number").to_numpy())
     elif path is not None and path.suffix in (".parquet", ".pq"):

@@ -52,6 +52,17 @@ def check_writable(root: Path) -> None:
         )
 
 
+def output_folder(path: Path) -> Path:
+    """An output file's folder, created if missing; one line if it cannot be."""
+    from mlplab.errors import UserError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the folder of {path} ({err.strerror})") from None
+    return path
+
+
 def check_reachable(tracking_uri: str | None) -> None:
     """A tracking server must answer now, not after minutes of retries (the CLI caps MLflow's
     HTTP retries and timeout; see `mlplab.cli.main`)."""

@@ -34,7 +34,10 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
-        parsed = yaml.safe_load(values) if sep else None
+        try:
+            parsed = yaml.safe_load(values) if sep else None
+        except yaml.YAMLError:
+            parsed = None  # e.g. "[0.1," when the shell split the list at a space
         if not sep or not key or not isinstance(parsed, list) or not parsed:
             raise UserError(f"--grid {item!r}: write KEY=[VALUE, ...], e.g. model.lr=[0.1,0.01]")
         grid[key.strip()] = parsed
@@ -188,9 +191,11 @@ def _key(point: dict) -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="mlplab sweep", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="mlplab sweep",
+        usage="mlplab sweep [SWEEP_FILE] [options] [fit overrides, e.g. --trainer.max_epochs 5]",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
-    parser.add_argument("sweep_file", nargs="?", help="a sweep YAML (config, grid, metric, ...)")
     parser.add_argument("--config", action="append", default=[], help="experiment config(s)")
     parser.add_argument("--grid", nargs="+", default=[], help="KEY=[V1,V2,...] per dimension")
     parser.add_argument("--metric", help="what picks the best child (default val/loss)")
@@ -200,8 +205,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--name", help="the parent run's name (default sweep-<experiment>)")
     parser.add_argument("--tracking_uri")
     parser.add_argument("--register_model", help="register the best child's model as NAME")
-    args, extra = parser.parse_known_args(argv)
-    spec = load_sweep_file(args.sweep_file) if args.sweep_file else {}
+    # the sweep file comes first, so a fit override's value is never taken for it
+    sweep_file = argv[0] if argv and not argv[0].startswith("-") else None
+    args, extra = parser.parse_known_args(argv[1:] if sweep_file else argv)
+    spec = load_sweep_file(sweep_file) if sweep_file else {}
     configs = args.config or _as_list(spec.get("config"))
     grid = {**{k: _as_list(v) for k, v in spec.get("grid", {}).items()}, **parse_grid(args.grid)}
     if not configs or not grid:
