@@ -206,14 +206,12 @@ def check_config(setup) -> dict:
     from jsonargparse import ArgumentError
 
     from mlplab.search.check import ConfigCheck, lookup
-    from mlplab.search.study import TRIAL_DEFAULTS
 
-    configs = [arg for path in setup.configs for arg in ("--config", path)]
-    base = [*TRIAL_DEFAULTS, *configs, *setup.extra]
+    base = setup.fit_args()
     try:
         check = ConfigCheck(base)
     except ArgumentError as err:
-        raise UserError(f"the fit settings are refused: {first_line(err)}") from None
+        raise UserError(f"the fit settings are refused: {parse_cause(str(err))}") from None
     check.check_metric(setup.metric)
     check.check_one_process()
     check_space(setup.space, check, base, check.config)
@@ -251,14 +249,10 @@ def check_space(space: dict[str, Dimension], check, base: list[str], config) -> 
             try:
                 parsed = check.parse(args)
             except ArgumentError as err:
-                reason = first_line(err)
+                reason = parse_cause(str(err))
                 raise UserError(f"search space {key}: {value!r} is refused: {reason}") from None
             branch = (
                 dim.branches.get(dim.labels[dim.choices.index(value)]) if dim.branches else None
             )
             if branch:
                 check_space(branch, check, args, parsed)
-
-
-def first_line(err: Exception) -> str:
-    return parse_cause(str(err))

@@ -161,7 +161,7 @@ def suggest(trial, space: dict[str, Dimension]) -> dict[str, Any]:
     return point
 
 
-def matches(dim: Dimension, choice: Any, written: Any) -> bool:
+def matches(choice: Any, written: Any) -> bool:
     """Whether the config's value is this choice: equal, or the class a short name names."""
     class_path = getattr(written, "class_path", None)
     if class_path is not None and isinstance(choice, str):
@@ -189,7 +189,7 @@ def written_params(space: dict[str, Dimension], lookup) -> tuple[dict, list[str]
             else:
                 outside.append(key)
             continue
-        found = [c for c in dim.choices if matches(dim, c, written)]
+        found = [c for c in dim.choices if matches(c, written)]
         if not found:
             outside.append(key)
             continue

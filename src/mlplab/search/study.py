@@ -86,6 +86,15 @@ class Setup:
     register_alias: str | None = None
     argv: list[str] = field(default_factory=list)
 
+    def fit_args(self, point: dict | None = None) -> list[str]:
+        """A trial's settings for `mlplab fit`: the defaults, the configs (and a `config` the
+        trial chose), the command line's overrides, then the trial's values."""
+        point = point or {}
+        files = {k: v for k, v in point.items() if k == "config"}
+        values = {k: v for k, v in point.items() if k != "config"}
+        configs = [arg for path in self.configs for arg in ("--config", path)]
+        return [*TRIAL_DEFAULTS, *configs, *point_args(files), *self.extra, *point_args(values)]
+
 
 def component(spec: dict, table: dict, what: str):
     """A sampler or pruner from `{name: ..., setting: value, ...}`."""
@@ -214,16 +223,12 @@ class Search:
             trial.set_user_attr(key, value)
         point = suggest(trial, setup.space)
         retry_of = trial.user_attrs.get("mlplab.retry_of")
-        config = {k: v for k, v in point.items() if k == "config"}
-        settings = {k: v for k, v in point.items() if k != "config"}
         tags = {"mlflow.parentRunId": self.parent, "optuna.study": self.study_name,
                 "optuna.trial": str(trial.number)}  # fmt: skip
         if retry_of is not None:
             tags["optuna.retry_of"] = str(retry_of)
         args = [
-            "fit", *TRIAL_DEFAULTS,
-            *[arg for path in setup.configs for arg in ("--config", path)],
-            *point_args(config), *setup.extra, *point_args(settings),
+            "fit", *setup.fit_args(point),
             "--experiment_name", setup.experiment, "--run_name", f"trial-{trial.number}",
             "--tracking_uri", self.uri, "--tags", json.dumps(tags),
         ]  # fmt: skip
