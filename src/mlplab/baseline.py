@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator, is_classifier
 
 from mlplab.data.base import ArrayDataModule
 from mlplab.errors import UserError
-from mlplab.store import ensure_experiment, local_store_root, resolve_tracking_uri, store_lock
+from mlplab.store import ensure_experiment, local_store_root, open_store, store_lock
 from mlplab.tracking import flatten_config
 
 
@@ -59,7 +59,7 @@ def run_baseline(config) -> tuple[str, dict[str, float]]:
     for stage, (x, y) in splits.items():
         results.update(scores(model, x, y, stage))
 
-    uri = resolve_tracking_uri(config.tracking_uri)
+    uri = open_store(config.tracking_uri)
     with store_lock(local_store_root(uri)):
         mlflow.set_tracking_uri(uri)
         ensure_experiment(mlflow.MlflowClient(uri), config.experiment_name, uri)

@@ -16,7 +16,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from mlplab import interrupts
 from mlplab.checkpoints import Checkpoint, latest_checkpoint
+from mlplab.console import ReleaseStartupLines, hold_startup_lines
 from mlplab.errors import UserError, parse_cause
 from mlplab.logged_models import log_model
 from mlplab.models.tasks import Regressor
@@ -29,7 +31,7 @@ from mlplab.resume import (
     slurm_root_dir,
 )
 from mlplab.slurm import SLURMRequeue
-from mlplab.store import check_reachable, experiment_dir, run_exists
+from mlplab.store import experiment_dir, open_store, run_exists
 from mlplab.system_metrics import SystemMetrics
 from mlplab.tracking import MLflowRunLogger, MLflowSaveConfig, RunStatus
 
@@ -124,6 +126,7 @@ class MLPLabCLI(LightningCLI):
         self, args: list[str] | None = None, run: bool = True, callbacks: Iterable[Callback] = ()
     ) -> None:
         """`callbacks` join the Trainer's whatever the config says (a search's pruning)."""
+        hold_startup_lines()
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -256,7 +259,7 @@ class MLPLabCLI(LightningCLI):
         self.check_task_fits_data()
         config = self.command_config
         trainer = self._get(self.config_init, "trainer", default={})
-        callbacks = [RunStatus()]
+        callbacks = [RunStatus(), ReleaseStartupLines()]
         if SLURMEnvironment.detect():
             if trainer.get("default_root_dir") == "mlruns":
                 trainer["default_root_dir"] = slurm_root_dir("mlruns")  # requeue checkpoints
@@ -275,8 +278,7 @@ class MLPLabCLI(LightningCLI):
             kwargs["logger"] = False
             kwargs["callbacks"] = [PredictionWriter()]
         elif wanted is None or wanted is True:
-            if rank_zero_only.rank == 0:
-                check_reachable(config.tracking_uri)
+            open_store(config.tracking_uri)  # every rank: none may build the tables in place
             run_id = self.resumed_run(checkpoint) if self.subcommand == "fit" else None
             kwargs["logger"] = MLflowRunLogger(
                 experiment_name=experiment,
@@ -365,8 +367,27 @@ class MLPLabCLI(LightningCLI):
             and "test" in getattr(data, "splits", ("test",))
         )
 
+    def before_fit(self) -> None:
+        if isinstance(self.trainer.logger, MLflowRunLogger):
+            self.trainer.logger.keep_open = True  # until the test and the model (`after_fit`)
+
     def after_fit(self) -> None:
+        """Test the best checkpoint, log the model, and only then end the run FINISHED: an
+        interrupt or an error in between ends it KILLED or FAILED."""
+        logger = self.trainer.logger
+        if not isinstance(logger, MLflowRunLogger) or not logger.keep_open:
+            self.test_and_log_model()  # no run, or Lightning ended it (a stage failed)
+            return
+        try:
+            self.test_and_log_model()
+        except BaseException as err:
+            logger.finish(err)
+            raise
+        logger.finish()
+
+    def test_and_log_model(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        interrupts.check()
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         metrics = dict(trainer.callback_metrics)  # the last epoch's, before testing replaces them
         if self.config.fit.test_after_fit and self.can_test():
@@ -390,6 +411,7 @@ class MLPLabCLI(LightningCLI):
             return
         fit = self.config.fit
         register = (fit.register_model, fit.register_alias) if fit.register_model else None
+        interrupts.check()
         step = read_checkpoint(best)["global_step"] if best else trainer.global_step
         uri = log_model(logger, model, datamodule, step, best, latest_checkpoint(trainer), register)
         if uri is not None:

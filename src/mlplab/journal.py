@@ -341,7 +341,7 @@ def find_journals(path: Path) -> list[Journal]:
 
 def main(argv: list[str]) -> None:
     from mlplab.errors import UserError
-    from mlplab.store import check_reachable
+    from mlplab.store import open_store
 
     parser = argparse.ArgumentParser(
         prog="mlplab sync",
@@ -361,7 +361,7 @@ def main(argv: list[str]) -> None:
     for journal in journals:
         header = journal.header()
         uri, run_id = args.tracking_uri or header["tracking_uri"], header["run_id"]
-        check_reachable(uri)
+        open_store(uri)
         try:
             sent = len(send_all(journal, uri, run_id))
         except Exception as err:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import sys
 
 # mlplab's own commands and their modules (each has a `main(argv)`)
@@ -59,6 +58,7 @@ def _quiet() -> None:
         r".*LeafSpec",  # a deprecation inside Lightning itself
         r".*args parameter is intended",  # `mlplab reproduce` drives the CLI from Python
         r".*configured with multiple `ModelCheckpoint`",  # the first is the best: as intended
+        r".*The `srun` command is available",  # scripts/slurm/ runs mlplab under srun
     ):
         warnings.filterwarnings("ignore", message=message)
     # `mlflow.pytorch` calls `logging.basicConfig` on import (mlflow 3.17,
@@ -113,6 +113,9 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    from mlplab import interrupts
+
+    interrupts.install()
     try:
         _quiet()
         from mlplab.errors import UserError
@@ -125,16 +128,11 @@ def main(args: list[str] | None = None) -> None:
         except ModuleNotFoundError as err:  # an optional package a chosen class needs
             print(f"mlplab: error: {str(err).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)
-    except KeyboardInterrupt:  # outside training (Lightning handles it inside)
-        print("mlplab: interrupted", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
-    except BaseException as err:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        if isinstance(err, SIGTERMException):  # `RunStatus` has marked the run KILLED, said so
-            sys.exit(128 + signal.SIGTERM)
-        raise
-
+    except BaseException as err:  # Ctrl-C or SIGTERM, at start-up, in a stage or after it
+        code = interrupts.exit_code(err)
+        if code is None:
+            raise
+        interrupts.leave(code)
 
 if __name__ == "__main__":
     main()

@@ -159,9 +159,11 @@ class Predictor:
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
 
-        from mlplab.store import resolve_tracking_uri
+        from mlplab.store import open_store, resolve_tracking_uri
 
-        mlflow.set_tracking_uri(resolve_tracking_uri())
+        # a registered (`models:/`) or run's (`runs:/`) model needs the store; a folder does not
+        uri = open_store() if ref.startswith(("models:/", "runs:/")) else resolve_tracking_uri()
+        mlflow.set_tracking_uri(uri)
         try:
             model = mlflow.pyfunc.load_model(ref)
         except (MlflowException, OSError) as err:

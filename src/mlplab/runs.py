@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from mlplab.errors import UserError
-from mlplab.store import resolve_tracking_uri
+from mlplab.store import open_store
 
 _LOWER_IS_BETTER = ("loss", "mae", "rmse", "error")
 
@@ -21,7 +21,7 @@ def runs_table(experiment: str, tracking_uri: str | None = None, sort: str | Non
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    mlflow.set_tracking_uri(open_store(tracking_uri))
     if mlflow.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in mlflow.search_experiments())
         raise UserError(f"no experiment {experiment!r} in the store (it has: {', '.join(names)})")

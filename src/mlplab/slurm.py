@@ -16,10 +16,12 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from mlplab import interrupts
 from mlplab.checkpoints import latest_checkpoint
 from mlplab.resume import hpc_checkpoint
 
@@ -32,30 +34,22 @@ def slurm_job_id() -> str:
 
 
 class SLURMRequeue(Callback):
-    """On SIGUSR1: at the next epoch start, keep the last checkpoint for the requeued job and
-    `scontrol requeue` this one (use with `SLURMEnvironment(auto_requeue=False)`)."""
+    """On SLURM's warning signal (noted by `mlplab.interrupts` from start-up on): at the next
+    epoch start, keep the last checkpoint for the requeued job and `scontrol requeue` this one
+    (use with `SLURMEnvironment(auto_requeue=False)`). A signal that came before the fit
+    requeues at its first epoch start; one after it changes nothing (the job finishes)."""
 
-    def __init__(self, requeue_signal: signal.Signals = signal.SIGUSR1) -> None:
-        self.requeue_signal = requeue_signal
-        self.signalled = False
+    def __init__(self) -> None:
         self.requeued = False
-        self._previous = None
-
-    def _note(self, signum, frame) -> None:  # nothing else is safe inside a handler
-        self.signalled = True
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._previous = signal.signal(self.requeue_signal, self._note)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self._previous is not None:
-            signal.signal(self.requeue_signal, self._previous)
-            self._previous = None
+        if stage == "fit" and signal.getsignal(signal.SIGUSR1) is not interrupts.on_requeue_signal:
+            signal.signal(signal.SIGUSR1, interrupts.on_requeue_signal)  # not run by `mlplab`
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # every rank got the signal from srun; agree anyway, so rank 0 acts if any rank heard it
-        if self.requeued or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        wanted = interrupts.State.requeue_wanted
+        if self.requeued or not trainer.strategy.reduce_boolean_decision(wanted, all=False):
             return
         self.requeued = True
         previous = hpc_checkpoint(trainer.default_root_dir)
@@ -71,6 +65,9 @@ class SLURMRequeue(Callback):
             trainer.save_checkpoint(hpc_path)
         if not trainer.is_global_zero:
             return
+        for older in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+            if older != Path(hpc_path):  # the requeued job resumes from the newest alone
+                older.unlink(missing_ok=True)
         job = slurm_job_id()
         rank_zero_info(f"mlplab: requeueing SLURM job {job}; it resumes from {hpc_path}")
         result = subprocess.run(["scontrol", "requeue", job], check=False)

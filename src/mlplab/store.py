@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import re
+import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -33,25 +34,6 @@ def folder_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "default"
 
 
-def check_writable(root: Path) -> None:
-    """A local store must be writable; say so before SQLite does it with a traceback."""
-    from mlplab.errors import UserError
-
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"cannot create the MLflow store folder {root} ({err.strerror}); "
-            "choose a writable place with --tracking_uri or MLFLOW_TRACKING_URI"
-        ) from None
-    database = root / "mlflow.db"
-    if not os.access(root, os.W_OK) or (database.exists() and not os.access(database, os.W_OK)):
-        raise UserError(
-            f"the MLflow store in {root} is not writable; fix its permissions or choose "
-            "another store with --tracking_uri or MLFLOW_TRACKING_URI"
-        )
-
-
 def output_folder(path: Path) -> Path:
     """An output file's folder, created if missing; one line if it cannot be."""
     from mlplab.errors import UserError
@@ -63,24 +45,144 @@ def output_folder(path: Path) -> Path:
     return path
 
 
-def check_reachable(tracking_uri: str | None) -> None:
-    """A tracking server must answer now, not after minutes of retries (the CLI caps MLflow's
-    HTTP retries and timeout; see `mlplab.cli.main`)."""
+def open_store(tracking_uri: str | None = None) -> str:
+    """The store's URI, once it is known to work: a URI MLflow can use, a local store that is
+    writable and a complete SQLite database (made if missing), a server that answers now.
+    Every command opens its store here first, so a mistake is one line before any run exists."""
     from mlplab.errors import UserError
 
     uri = resolve_tracking_uri(tracking_uri)
-    if urlparse(uri).scheme not in ("http", "https"):
-        return
+    scheme = urlparse(uri).scheme
+    if scheme not in SCHEMES:
+        raise UserError(
+            f"tracking URI {uri!r}: MLflow has no store for {scheme or 'a plain path'}; use "
+            f"sqlite:///path/mlflow.db, or a server's http(s)://host:port {URI_SOURCE}"
+        )
+    if scheme == "sqlite":
+        database = sqlite_file(uri)
+        check_writable(database)
+        with store_lock(database.parent):
+            create_sqlite_store(database)
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as err:  # connection refused, DNS, timeout, HTTP errors: all say the same
-        reason = str(err).splitlines()[0][:200]
+        with store_lock(local_store_root(uri)):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001  refused connection, DNS, HTTP, SQL: each one line
+        reason = str(err).strip().splitlines()[0][:200]
+        if scheme in ("http", "https"):
+            raise UserError(
+                f"the MLflow tracking server {uri} does not answer ({reason}); start it, or "
+                "unset MLFLOW_TRACKING_URI to use the local store"
+            ) from None
+        raise UserError(f"cannot open the MLflow store {uri}: {reason}") from None
+    return uri
+
+
+# the stores MLflow's client opens by URI scheme; anything else is a typo
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file", "")
+URI_SOURCE = "(--tracking_uri or MLFLOW_TRACKING_URI)"
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def sqlite_file(uri: str) -> Path:
+    """`sqlite:///relative.db` or `sqlite:////absolute.db`; in-memory and malformed ones refused."""
+    from mlplab.errors import UserError
+
+    path = unquote(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:" or "?" in path:
         raise UserError(
-            f"the MLflow tracking server {uri} does not answer ({reason}); start it, or unset "
-            "MLFLOW_TRACKING_URI to use the local store"
+            f"tracking URI {uri!r} names no database file: write sqlite:///relative/path.db or "
+            f"sqlite:////absolute/path.db {URI_SOURCE}"
+        )
+    database = Path(path)
+    if database.is_dir():
+        raise UserError(
+            f"the MLflow store {database} is a folder, not an SQLite database; name a file "
+            f"{URI_SOURCE}"
+        )
+    if database.is_file() and database.stat().st_size:
+        with open(database, "rb") as file:
+            if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise UserError(
+                    f"the MLflow store {database} is not an SQLite database; move it aside or "
+                    f"name another file {URI_SOURCE}"
+                )
+    return database
+
+
+def create_sqlite_store(database: Path) -> None:
+    """A new store is built aside and moved into place in one step: an interrupt, a kill or a
+    full disk while MLflow creates its ~40 tables leaves no half-made `mlflow.db` (on which
+    every later command fails). One that an older start left half-made holds no runs: it is
+    moved aside, said, and made again. Called under `store_lock`."""
+    for stale in database.parent.glob(f".{database.name}.creating-*"):
+        stale.unlink(missing_ok=True)  # a build a kill cut short (the lock says none runs now)
+    if database.is_file() and database.stat().st_size:
+        if sqlite_state(database) != "half-made":
+            return  # complete, or runs inside: MLflow's check says what it needs, if anything
+        names = (database.with_name(f"{database.name}.half-made-{n}") for n in range(1, 10**6))
+        aside = next(name for name in names if not name.exists())
+        os.replace(database, aside)
+        print(f"mlplab: {database} was left half-made by an interrupted start (no runs in it); "
+              f"moved to {aside.name}, a new store is made", file=sys.stderr)  # fmt: skip
+    building = database.with_name(f".{database.name}.creating-{os.getpid()}")
+    import logging
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    quiet = [logging.getLogger(name) for name in ("alembic", "mlflow.store.db.utils")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:  # "Creating initial MLflow database tables..." and alembic's steps
+            logger.setLevel(logging.WARNING)
+        store = SqlAlchemyStore(f"sqlite:///{building.resolve()}", str(database.parent.resolve()))
+        store.engine.dispose()
+        os.replace(building, database)
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+        for leftover in database.parent.glob(f"{building.name}*"):  # the file and its journal
+            leftover.unlink(missing_ok=True)
+
+
+def sqlite_state(database: Path) -> str:
+    """The state of an existing store: "complete" (MLflow made all its tables and the default
+    experiment), "half-made"
+    (an interrupted making: no runs in it), or "other" (runs inside; MLflow judges its schema)."""
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=60)
+    try:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        migrating = any(name.startswith("_alembic_tmp") for name in tables)
+        if not migrating and {"alembic_version", "experiments"} <= tables:
+            default = "SELECT 1 FROM experiments WHERE experiment_id = 0"
+            if connection.execute(default).fetchone():
+                return "complete"
+        runs = "runs" in tables and connection.execute("SELECT 1 FROM runs LIMIT 1").fetchone()
+        return "other" if runs else "half-made"
+    finally:
+        connection.close()
+
+
+def check_writable(database: Path) -> None:
+    """A local store must be writable; say so before SQLite does it with a traceback."""
+    from mlplab.errors import UserError
+
+    root = database.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"cannot create the MLflow store folder {root} ({err.strerror}); "
+            f"choose a writable place {URI_SOURCE}"
         ) from None
+    if not os.access(root, os.W_OK) or (database.exists() and not os.access(database, os.W_OK)):
+        raise UserError(
+            f"the MLflow store in {root} is not writable; fix its permissions or choose "
+            f"another store {URI_SOURCE}"
+        )
 
 
 def ensure_experiment(client, name: str, tracking_uri: str) -> str:

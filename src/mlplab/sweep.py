@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from mlplab.errors import UserError
-from mlplab.store import ensure_experiment, local_store_root, resolve_tracking_uri, store_lock
+from mlplab.store import ensure_experiment, local_store_root, open_store, store_lock
 
 POINT_TAG = "mlplab.sweep.point"
 KEY_TAG = "mlplab.sweep.key"
@@ -106,7 +106,7 @@ class Sweep:
     def __init__(self, configs, grid, metric, mode, extra, experiment, name, tracking_uri):
         self.configs, self.grid, self.metric, self.mode = configs, grid, metric, mode
         self.extra, self.experiment, self.name = extra, experiment, name
-        self.uri = resolve_tracking_uri(tracking_uri)
+        self.uri = open_store(tracking_uri)
         identity = json.dumps([configs, grid, extra, metric], sort_keys=True, default=str)
         self.key = hashlib.sha1(identity.encode()).hexdigest()[:12]
         from mlflow.tracking import MlflowClient

@@ -15,10 +15,10 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mlplab import interrupts
 from mlplab.errors import RunKilled
 from mlplab.journal import Journal, RunWriter
 from mlplab.store import (
-    check_writable,
     ensure_experiment,
     experiment_dir,
     folder_name,
@@ -35,21 +35,8 @@ class RunStatus(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
         logger = trainer.logger
-        if not isinstance(logger, MLflowRunLogger):
-            return
-        if isinstance(exception, RunKilled):
-            logger.failure = ("KILLED", str(exception))
-            logger.stopped_on_purpose = True
-        elif isinstance(exception, KeyboardInterrupt | SIGTERMException):
-            logger.failure = ("KILLED", f"interrupted ({type(exception).__name__})")
-            if trainer.is_global_zero:
-                print(
-                    f"mlplab: interrupted: run {logger.run_id} marked KILLED; its last "
-                    "end-of-epoch checkpoint is kept: continue with --ckpt_path last",
-                    file=sys.stderr,
-                )
-        else:
-            logger.failure = ("FAILED", f"{type(exception).__name__}: {exception}")
+        if isinstance(logger, MLflowRunLogger):
+            logger.failed_with(exception, say=trainer.is_global_zero)
 
 
 class MLflowRunLogger(MLFlowLogger):
@@ -77,8 +64,7 @@ class MLflowRunLogger(MLFlowLogger):
         uri = resolve_tracking_uri(tracking_uri)
         root = local_store_root(uri)
         artifact_location = None
-        if root is not None:
-            check_writable(root)
+        if root is not None:  # the store is open already (`mlplab.store.open_store`)
             artifact_location = experiment_dir(experiment_name, uri).resolve().as_uri()
         with store_lock(root):  # Lightning's logger opens the store here
             super().__init__(
@@ -100,6 +86,10 @@ class MLflowRunLogger(MLFlowLogger):
         self.named = run_name is not None
         self.unwritten_at_resume = unwritten
         self.failure: tuple[str, str] | None = None  # (status, reason), set by `RunStatus`
+        # `fit` tests and logs the model after Lightning's fit has finalized the run: it stays
+        # RUNNING until `finish`, so it is never FINISHED without them
+        self.keep_open = False
+        self.ended = False  # its status is written
         self.stopped_on_purpose = False  # `RunKilled`: the last validation stays (it decided)
         self._pending: dict[str, float] = {}  # metrics not yet written, see `log_metrics`
         self._pending_step: int | None = None
@@ -141,6 +131,8 @@ class MLflowRunLogger(MLFlowLogger):
         if self.resumed:
             self.writer.drain()
             self.writer.update_run(self.run_id, status="RUNNING")
+            if "mlplab.failure" in self.writer.get_run(self.run_id).data.tags:
+                self.writer.delete_tag(self.run_id, "mlplab.failure")  # the killed attempt's
             self.write_if_missing(self.unwritten_at_resume)
         elif not self.named:
             self.make_name_unique(client)
@@ -175,11 +167,42 @@ class MLflowRunLogger(MLFlowLogger):
         if len(same) > 1:
             self.writer.update_run(self.run_id, name=f"{name}-{self.run_id[:6]}")
 
+    def failed_with(self, exception: BaseException, say: bool = True) -> None:
+        """The status and reason the run ends with (`finalize("failed")`) after `exception`."""
+        if isinstance(exception, RunKilled):
+            self.failure = ("KILLED", str(exception))
+            self.stopped_on_purpose = True
+        elif interrupts.exit_code(exception) is not None:  # Ctrl-C or SIGTERM, as it surfaced
+            if isinstance(exception, SystemExit) and not isinstance(exception, SIGTERMException):
+                exception = exception.__context__  # Lightning's exit after a Ctrl-C
+            self.failure = ("KILLED", f"interrupted ({type(exception).__name__})")
+            if say and self.opened:
+                print(
+                    f"mlplab: interrupted: run {self.run_id} marked KILLED; its last "
+                    "end-of-epoch checkpoint is kept: continue with --ckpt_path last",
+                    file=sys.stderr,
+                )
+                interrupts.State.said = True
+        else:
+            self.failure = ("FAILED", f"{type(exception).__name__}: {exception}")
+
+    def finish(self, exception: BaseException | None = None) -> None:
+        """End a run kept open after its fit: FINISHED, or as `exception` says."""
+        self.keep_open = False
+        if self.ended:  # Lightning ended it (a stage failed or was interrupted)
+            return
+        if exception is not None:
+            self.failed_with(exception)
+        self.finalize("success" if exception is None else "failed")
+
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """As Lightning's, but an interrupted run ends KILLED, a failed one says why, and the
         status goes through the writer (a journaled run keeps it while the server is away)."""
         if not self.opened:
+            return
+        if self.keep_open and status == "success":
+            self.flush()
             return
         reason = None
         if status == "failed" and self.failure is not None:
@@ -207,6 +230,7 @@ class MLflowRunLogger(MLFlowLogger):
         if reason is not None:
             self.writer.set_tag(self.run_id, "mlplab.failure", reason[:5000])
         self.writer.set_terminated(self.run_id, status)
+        self.ended = True
 
     @property
     def save_dir(self) -> str:

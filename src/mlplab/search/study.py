@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mlplab.errors import UserError
 from mlplab.search.pruning import MetricNotLogged, Pruned, PruneTrial
 from mlplab.search.space import Dimension, suggest
-from mlplab.store import local_store_root, resolve_tracking_uri, store_lock
+from mlplab.store import local_store_root, open_store, resolve_tracking_uri, store_lock
 from mlplab.sweep import open_parent, point_args, point_name
 
 KEY_TAG = "mlplab.search.key"
@@ -155,6 +155,7 @@ class Search:
         """MLflow's client, made once the study could be opened (it creates a new store)."""
         from mlflow.tracking import MlflowClient
 
+        open_store(self.uri)
         with store_lock(local_store_root(self.uri)):
             return MlflowClient(self.uri)
 
