@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from sklearn.base import BaseEstimator, is_classifier
 
 from mlplab.data.base import ArrayDataModule
-from mlplab.errors import UserError
+from mlplab.errors import UserError, parse_cause, say_mistake
 from mlplab.store import ensure_experiment, local_store_root, open_store, store_lock
 from mlplab.tracking import flatten_config
 
@@ -81,7 +81,7 @@ def run_baseline(config) -> tuple[str, dict[str, float]]:
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="mlplab baseline", description=__doc__)
+    p = ArgumentParser(prog="mlplab baseline", description=__doc__, exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--experiment_name", type=str, required=True, help="the network's experiment")
     p.add_argument("--run_name", type=str | None, default=None)
@@ -92,7 +92,11 @@ def parser() -> ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    config = parser().parse_args(argv)
+    try:
+        config = parser().parse_args(argv)
+    except ArgumentError as err:  # jsonargparse's report as one line, not the usage block
+        print(say_mistake("mlplab baseline", parse_cause(str(err))), end="", file=sys.stderr)
+        sys.exit(2)
     try:
         run_id, results = run_baseline(config)
     except (UserError, ValueError) as err:

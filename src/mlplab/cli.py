@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from mlplab import interrupts
 from mlplab.checkpoints import Checkpoint, latest_checkpoint
 from mlplab.console import ReleaseStartupLines, hold_startup_lines
-from mlplab.errors import UserError, parse_cause
+from mlplab.errors import UserError, parse_cause, say_mistake
 from mlplab.logged_models import log_model
 from mlplab.models.tasks import Regressor
 from mlplab.predict import PredictionWriter
@@ -49,8 +49,13 @@ class _Parser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
+        missing = re.search(r"arguments are required: (fit|validate|test|predict)\.", message)
+        if missing:  # neither a config nor a checkpoint to take one from
+            prog = f"mlplab {missing.group(1)}"
+            message = ("no model and data: give --config CONFIG.yaml, or --ckpt_path of a "
+                       "checkpoint `mlplab fit` wrote")  # fmt: skip
         message = parse_cause(message)
-        sys.stderr.write(f"error: {message}\ntip: `{prog} --help` lists the options\n")
+        sys.stderr.write(say_mistake(prog, message))
         self.exit(2)
 
 
@@ -65,7 +70,9 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     at = flags.index("--ckpt_path")
     path = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
     if not Path(path).is_file():
-        return args  # `last`, or a missing file: the CLI says what is wrong
+        if path in ("", "last", "best", "hpc", "registry") or path.startswith("registry:"):
+            return args  # Lightning's names for a checkpoint it finds
+        raise UserError(f"checkpoint {path} does not exist; give a .ckpt file or `last`")
     config = read_checkpoint(path).get("mlplab_config")
     if config is None:
         raise UserError(f"{path} carries no config (not written by `mlplab fit`); add --config")
@@ -136,7 +143,7 @@ class MLPLabCLI(LightningCLI):
             save_config_kwargs={"save_to_log_dir": False},
             auto_configure_optimizers=False,
             parser_class=_Parser,
-            parser_kwargs={"description": DESCRIPTION},
+            parser_kwargs={"description": DESCRIPTION, "prog": "mlplab"},  # not `__main__.py`
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
             trainer_defaults={"default_root_dir": "mlruns", "callbacks": list(callbacks)},
             args=with_experiment_name(

@@ -1,3 +1,4 @@
+import argparse
 import re
 
 
@@ -38,3 +39,15 @@ def parse_cause(message: str) -> str:
     if given and given.group(1).strip("'\"") not in cause:
         cause += f" (got {given.group(1)})"
     return f"{'.'.join(keys)}: {cause}" if keys else cause
+
+
+def say_mistake(prog: str, message: str) -> str:
+    """A command-line mistake as mlplab says it: the error, then where the options are listed."""
+    return f"{prog}: error: {message}\ntip: `{prog} --help` lists the options\n"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line and a tip, not the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, say_mistake(self.prog, message))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlplab.errors import UserError
+from mlplab.errors import CommandParser, UserError
 from mlplab.store import output_folder
 
 
@@ -50,7 +50,7 @@ def export_onnx(checkpoint: str, output: Path, tolerance: float = 1e-5) -> float
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mlplab export", description=__doc__,
+    parser = CommandParser(prog="mlplab export", description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     parser.add_argument("--model", required=True, help="a Lightning checkpoint (.ckpt)")
     parser.add_argument("--output", required=True, type=Path, help="the .onnx file to write")

@@ -12,7 +12,6 @@ and artifacts are overwritten.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -340,10 +339,10 @@ def find_journals(path: Path) -> list[Journal]:
 
 
 def main(argv: list[str]) -> None:
-    from mlplab.errors import UserError
+    from mlplab.errors import CommandParser, UserError
     from mlplab.store import open_store
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="mlplab sync",
         description="Send the records runs kept while their tracking server was away (a job "
         "ends with them kept when the server is still away then). Sending twice sends "

@@ -102,7 +102,9 @@ def main(args: list[str] | None = None) -> None:
         print(USAGE, end="")
         return
     if argv[0] not in (*COMMANDS, *LIGHTNING_COMMANDS):
-        sys.exit(f"mlplab: error: unknown command {argv[0]!r}; `mlplab --help` lists them")
+        print(f"mlplab: error: unknown command {argv[0]!r}; `mlplab --help` lists them",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     # a datamodule or network in the working directory imports by `class_path`, as it does
     # with `python -m mlplab` (appended: it cannot shadow an installed package)
     if os.getcwd() not in sys.path and "" not in sys.path:

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from mlplab.data.base import described_outputs
-from mlplab.errors import UserError
+from mlplab.errors import CommandParser, UserError
 from mlplab.store import output_folder
 
 
@@ -47,9 +47,17 @@ def read_features(path: Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"input file {path} does not exist (or is not a file)")
     if path.suffix == ".npy":
+        with open(path, "rb") as file:
+            if file.read(6) != b"\x93NUMPY":  # NumPy would call any other file "pickled data"
+                raise UserError(f"{path} is not a .npy file (no NumPy header); save it with "
+                                "numpy.save, or give CSV")  # fmt: skip
         try:
             x = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
+        except ValueError as err:
+            if "pickled" not in str(err):
+                raise UserError(f"{path} is not a numeric .npy array ({err})") from None
+            raise UserError(f"{path} holds Python objects, not numbers") from None
+        except (OSError, EOFError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"{path} is not a numeric .npy array ({reason})") from None
         if x.dtype.kind not in "biuf":
@@ -66,8 +74,13 @@ def read_features(path: Path) -> np.ndarray:
             raise UserError(f"{path} is not a table of features ({reason})") from None
         except UnicodeDecodeError:
             raise UserError(f"{path} is not a text CSV file; give CSV or .npy") from None
-        if len(frame) and not _is_numeric_row(frame.iloc[0]):
-            frame = frame.iloc[1:]  # a header row
+        if len(frame) and _is_header(frame.iloc[0]):
+            frame = frame.iloc[1:]
+        empty = np.argwhere(frame.isna().to_numpy())
+        if len(empty):  # a short row, or a cell left empty
+            row, col = empty[0]
+            raise UserError(f"{path}: row {row + 1}, column {col + 1} is empty; every row needs "
+                            f"{frame.shape[1]} numbers")  # fmt: skip
         x = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
         bad = np.argwhere(np.isnan(x) & ~frame.isna().to_numpy())
         if len(bad):
@@ -87,10 +100,11 @@ def read_features(path: Path) -> np.ndarray:
     return x
 
 
-def _is_numeric_row(row) -> bool:
-    """False for a header: some cell is text that is not a number (an empty or `nan` cell is a
-    missing number, reported as such, not a header)."""
-    return not (pd.to_numeric(row, errors="coerce").isna() & row.notna()).any()
+def _is_header(row) -> bool:
+    """A header names every column: each cell is text that is not a number. A row with numbers
+    and text (`0,abc`) is data with a mistake in it, reported as such."""
+    text = pd.to_numeric(row, errors="coerce").isna() & row.notna()
+    return bool(text.all())
 
 
 def read_rows(path: Path) -> pd.DataFrame:
@@ -213,7 +227,7 @@ def predict_file(model: str, input_path: Path, output_path: Path | None) -> pd.D
 
 def main(argv: list[str]) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="mlplab predict", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model", required=True, help="checkpoint path or MLflow model URI")

@@ -6,7 +6,6 @@ report reads each run's final metrics back from the store.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -14,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from mlplab.errors import CommandParser
 
 
 @dataclass
@@ -179,7 +180,7 @@ def report(rows: list[tuple[Experiment, str, dict, float]], command: str) -> str
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mlplab reproduce", description=__doc__)
+    parser = CommandParser(prog="mlplab reproduce", description=__doc__)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments")
     parser.add_argument("--configs", type=Path, default=Path("configs"), help="the configs folder")
     parser.add_argument("--output", type=Path, default=Path("docs/RESULTS.md"), help="the report")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlplab.errors import UserError
+from mlplab.errors import CommandParser, UserError
 from mlplab.store import open_store
 
 _LOWER_IS_BETTER = ("loss", "mae", "rmse", "error")
@@ -68,7 +68,7 @@ def _missing(value) -> bool:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mlplab runs", description=__doc__,
+    parser = CommandParser(prog="mlplab runs", description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     parser.add_argument("--experiment", required=True, help="experiment name, e.g. mnist")
     parser.add_argument("--sort", help="a column, e.g. test/acc or duration_s")

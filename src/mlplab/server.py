@@ -8,7 +8,6 @@ so clients need no access to the artifact store. Everything lives in one folder 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import os
@@ -20,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlplab.errors import UserError
+from mlplab.errors import CommandParser, UserError
 
 
 def free_port() -> int:
@@ -79,7 +78,7 @@ class PostgreSQL:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="mlplab server",
         description="An MLflow tracking server on loopback: PostgreSQL (when installed) or "
         "SQLite for the runs, proxied artifacts; Ctrl-C stops it.",
@@ -90,6 +89,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--backend", choices=["auto", "postgresql", "sqlite"], default="auto")
     parser.add_argument("--workers", type=int, default=2, help="mlflow server's workers")
     args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port}: a TCP port is 1 to 65535")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: at least 1")
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
 

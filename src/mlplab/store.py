@@ -148,8 +148,8 @@ def create_sqlite_store(database: Path) -> None:
 
 def sqlite_state(database: Path) -> str:
     """The state of an existing store: "complete" (MLflow made all its tables and the default
-    experiment), "half-made"
-    (an interrupted making: no runs in it), or "other" (runs inside; MLflow judges its schema)."""
+    experiment), "half-made" (an interrupted making: no runs in it), or "other" (runs inside;
+    MLflow judges its schema)."""
     import sqlite3
 
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=60)

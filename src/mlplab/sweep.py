@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from mlplab.errors import UserError
+from mlplab.errors import CommandParser, UserError
 from mlplab.store import ensure_experiment, local_store_root, open_store, store_lock
 
 POINT_TAG = "mlplab.sweep.point"
@@ -89,10 +89,13 @@ def open_parent(client, uri, experiment, name, key_tag, key, command, params) ->
 
 
 def load_sweep_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise UserError(f"sweep file {path} does not exist (or is not a file)")
     try:
         spec = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read sweep file {path}: {err}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"cannot read sweep file {path}: {reason}") from None
     unknown = set(spec) - {"config", "grid", "metric", "mode", "args", "name", "search"}
     if unknown or not isinstance(spec.get("grid"), dict):
         raise UserError(
@@ -141,8 +144,10 @@ class Sweep:
         result = subprocess.run(command, capture_output=True, text=True)
         status = "done" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
         print(f"mlplab: sweep child {point_name(point)}: {status}", file=sys.stderr)
-        if result.returncode != 0:
-            print(result.stderr.strip().splitlines()[-1] if result.stderr else "", file=sys.stderr)
+        if result.returncode != 0:  # the child's own error, not the tip after it
+            said = [line for line in result.stderr.strip().splitlines()
+                    if line.strip() and not line.startswith("tip:")]  # fmt: skip
+            print(f"  {said[-1].strip() if said else 'no message'}", file=sys.stderr)
         return result.returncode
 
     def run(self, workers: int) -> dict:
@@ -190,7 +195,7 @@ def _key(point: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="mlplab sweep",
         usage="mlplab sweep [SWEEP_FILE] [options] [fit overrides, e.g. --trainer.max_epochs 5]",
         description=__doc__,

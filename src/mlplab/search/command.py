@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from mlplab.errors import UserError, parse_cause
+from mlplab.errors import CommandParser, UserError, parse_cause
 from mlplab.search.space import Dimension, all_keys, parse_space, written_params
 from mlplab.sweep import point_args
 
@@ -18,15 +18,10 @@ FILE_KEYS = {"config", "space", "metric", "direction", "n_trials", "timeout", "s
 DIRECTIONS = ("minimize", "maximize")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` lists the options\n")
-
-
 def arguments() -> argparse.ArgumentParser:
     from mlplab.search import __doc__ as usage
 
-    parser = _Parser(
+    parser = CommandParser(
         prog="mlplab search",
         usage="mlplab search [SEARCH_FILE] [options] [fit overrides, e.g. --trainer.max_epochs 5]",
         description=usage,
