@@ -1,4 +1,5 @@
 import argparse
+import errno
 import re
 
 
@@ -51,3 +52,18 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, say_mistake(self.prog, message))
+
+
+def disk_full(err: BaseException) -> str | None:
+    """Where in `err`'s chain a write found no space (SQLite says "database or disk is full",
+    the OS ENOSPC), as a line to show; None if it did not. SQLite rolls the write back: the
+    store keeps every earlier run."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return f"no space left on the device ({err.filename or err.strerror})"
+        if "database or disk is full" in str(err):
+            return "no space left for the MLflow store (SQLite: database or disk is full)"
+        err = err.__cause__ or err.__context__
+    return None

@@ -65,6 +65,9 @@ def _quiet() -> None:
     # mlflow/pytorch/_lightning_autolog.py): with a root handler already there it does nothing,
     # and Lightning's lines of a later fit (a search's next trial) are not doubled as "INFO:..."
     logging.getLogger().addHandler(logging.NullHandler())
+    # MLflow logs each database error with its traceback, then raises it: the raised one is
+    # what mlplab reports (a full disk in one line, anything else as it is)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith("💡 Tip")
     )
@@ -120,7 +123,7 @@ def main(args: list[str] | None = None) -> None:
     interrupts.install()
     try:
         _quiet()
-        from mlplab.errors import UserError
+        from mlplab.errors import UserError, disk_full
 
         try:
             _run(argv)
@@ -130,6 +133,13 @@ def main(args: list[str] | None = None) -> None:
         except ModuleNotFoundError as err:  # an optional package a chosen class needs
             print(f"mlplab: error: {str(err).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)
+        except Exception as err:
+            full = disk_full(err)
+            if full is None:
+                raise
+            print(f"mlplab: error: {full}; free some space and run again (earlier runs are "
+                  "kept)", file=sys.stderr)  # fmt: skip
+            sys.exit(1)
     except BaseException as err:  # Ctrl-C or SIGTERM, at start-up, in a stage or after it
         code = interrupts.exit_code(err)
         if code is None:
