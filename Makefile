@@ -8,10 +8,10 @@ JOBS   ?= 2
 STORE  ?= sqlite:///mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all reproduce bench examples lint ui server clean
+.PHONY: help install train test test-all slurm-check reproduce bench examples lint ui server clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP) ## run the test suite, without the slow real-data runs (JOBS=2 pr
 
 test-all: $(STAMP) ## run every test, the slow real-data runs too
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
+
+slurm-check: $(STAMP) ## the SLURM batch script on a one-node SLURM started here (apt installs it if missing)
+	scripts/slurm/local_cluster.sh available || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge)
+	$(BIN)/python -m pytest -m slow tests/test_slurm.py
 
 reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and write docs/RESULTS.md
 	$(BIN)/mlplab reproduce

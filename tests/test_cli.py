@@ -277,7 +277,7 @@ def test_missing_config_file_is_named(tmp_path):
         ("1,2,3\n", "3 features per row but the model takes 2"),
         ("0,1\n1,x\n", "row 2, column 2 is 'x', not a number"),
         ("", "is empty"),
-        ("0,1\n1,\n", "NaN"),
+        ("0,1\n1,\n", "row 2, column 2 is empty"),
     ],
 )
 def test_predict_rejects_bad_input_in_one_line(xor_run, tmp_path, content, message, capsys):

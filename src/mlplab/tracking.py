@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mlplab import interrupts
+from mlplab.checkpoints import latest_checkpoint
 from mlplab.errors import RunKilled
 from mlplab.journal import Journal, RunWriter
 from mlplab.store import (
@@ -36,7 +38,8 @@ class RunStatus(Callback):
     def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
         logger = trainer.logger
         if isinstance(logger, MLflowRunLogger):
-            logger.failed_with(exception, say=trainer.is_global_zero)
+            kept = os.path.isfile(latest_checkpoint(trainer) or "")
+            logger.failed_with(exception, say=trainer.is_global_zero, resumable=kept)
 
 
 class MLflowRunLogger(MLFlowLogger):
@@ -167,7 +170,9 @@ class MLflowRunLogger(MLFlowLogger):
         if len(same) > 1:
             self.writer.update_run(self.run_id, name=f"{name}-{self.run_id[:6]}")
 
-    def failed_with(self, exception: BaseException, say: bool = True) -> None:
+    def failed_with(
+        self, exception: BaseException, say: bool = True, resumable: bool = True
+    ) -> None:
         """The status and reason the run ends with (`finalize("failed")`) after `exception`."""
         if isinstance(exception, RunKilled):
             self.failure = ("KILLED", str(exception))
@@ -177,11 +182,13 @@ class MLflowRunLogger(MLFlowLogger):
                 exception = exception.__context__  # Lightning's exit after a Ctrl-C
             self.failure = ("KILLED", f"interrupted ({type(exception).__name__})")
             if say and self.opened:
-                print(
-                    f"mlplab: interrupted: run {self.run_id} marked KILLED; its last "
-                    "end-of-epoch checkpoint is kept: continue with --ckpt_path last",
-                    file=sys.stderr,
+                then = (
+                    "its last end-of-epoch checkpoint is kept: continue with --ckpt_path last"
+                    if resumable
+                    else "no epoch had ended: run the same command again"
                 )
+                print(f"mlplab: interrupted: run {self.run_id} marked KILLED; {then}",
+                      file=sys.stderr)  # fmt: skip
                 interrupts.State.said = True
         else:
             self.failure = ("FAILED", f"{type(exception).__name__}: {exception}")
