@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import urllib.error
 from pathlib import Path
 
@@ -44,6 +45,29 @@ def test_idx_round_trip_and_scaling(tmp_path):
     assert y_val.tolist() == data["train"][1][:10].tolist()  # the first images, as in the seeds
     torch.testing.assert_close(dm.data["train"][0][0], torch.full((784,), 10 / 255))
     assert len(dm.data["train"][0]) == 50 and len(dm.data["test"][0]) == 20
+
+
+def test_gzipped_idx_files_load_as_the_unpacked_ones(tmp_path):
+    """The files as published (`*-ubyte.gz`): what a machine without a network is sent."""
+    fake_mnist(tmp_path / "plain")
+    packed = fake_mnist(tmp_path / "packed")
+    for path in (tmp_path / "packed" / "MNIST" / "raw").iterdir():
+        path.with_name(f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    plain, gz = (MNISTDataModule(data_dir=str(tmp_path / k), val_size=10, verify=False)
+                 for k in ("plain", "packed"))  # fmt: skip
+    plain.setup()
+    gz.setup()
+    for split in ("train", "val", "test"):
+        assert torch.equal(plain.data[split][0], gz.data[split][0])
+    assert gz.data["test"][1].tolist() == packed["t10k"][1].tolist()
+    checked = MNISTDataModule(data_dir=str(tmp_path / "packed"), val_size=10)  # official MD5s
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz is corrupt or not the"):
+        checked.setup()
+    cut = tmp_path / "packed" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    cut.write_bytes(cut.read_bytes()[:-8])
+    with pytest.raises(DatasetError, match="is not a whole gzip file"):
+        MNISTDataModule(data_dir=str(tmp_path / "packed"), val_size=10, verify=False).setup()
 
 
 def test_seeded_validation_split(tmp_path):
