@@ -388,9 +388,11 @@ class MLPLabCLI(LightningCLI):
         try:
             self.test_and_log_model()
         except BaseException as err:
-            logger.finish(err)
+            with interrupts.deferred():
+                logger.finish(err)
             raise
-        logger.finish()
+        with interrupts.deferred():  # a signal now ends the process after FINISHED is written
+            logger.finish()
 
     def test_and_log_model(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule

@@ -12,9 +12,11 @@ Kept free of heavy imports: installed before torch, Lightning and MLflow are imp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
@@ -50,6 +52,8 @@ def install() -> None:
     """SIGTERM raises at any moment; under SLURM, the warning signal (SIGUSR1, whose default
     action kills the process) is noted from start-up to exit."""
     State.interrupted = State.terminated = State.said = False  # a command run in-process again
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python takes handlers from the main thread only (`main` called from a thread)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (`nohup`)
         signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -61,6 +65,21 @@ def check() -> None:
     """At a safe point between stages: a SIGTERM that arrived as a stage ended stops here."""
     if State.terminated:
         raise Terminated
+
+
+@contextlib.contextmanager
+def deferred():
+    """Ctrl-C and SIGTERM wait until the block has run (a run's final status being written),
+    then arrive as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def exit_code(err: BaseException) -> int | None:

@@ -127,6 +127,7 @@ def main(args: list[str] | None = None) -> None:
 
         try:
             _run(argv)
+            interrupts.check()  # a SIGTERM a stage ended before acting on
         except UserError as err:  # Lightning has already marked a started run FAILED
             print(f"mlplab: error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)

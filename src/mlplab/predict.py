@@ -101,10 +101,10 @@ def read_features(path: Path) -> np.ndarray:
 
 
 def _is_header(row) -> bool:
-    """A header names every column: each cell is text that is not a number. A row with numbers
-    and text (`0,abc`) is data with a mistake in it, reported as such."""
-    text = pd.to_numeric(row, errors="coerce").isna() & row.notna()
-    return bool(text.all())
+    """A header names the columns: text, no numbers (an empty first cell is an index's). A row
+    with numbers and text (`0,abc`) is data with a mistake in it, reported as such."""
+    numbers = pd.to_numeric(row, errors="coerce").notna()
+    return bool((row.notna() & ~numbers).any() and not numbers.any())  # `,a,b`: an index column
 
 
 def read_rows(path: Path) -> pd.DataFrame:

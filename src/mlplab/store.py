@@ -52,7 +52,7 @@ def open_store(tracking_uri: str | None = None) -> str:
     from mlplab.errors import UserError
 
     uri = resolve_tracking_uri(tracking_uri)
-    scheme = urlparse(uri).scheme
+    scheme = urlparse(uri).scheme.split("+", 1)[0]  # postgresql+psycopg2: a driver named
     if scheme not in SCHEMES:
         raise UserError(
             f"tracking URI {uri!r}: MLflow has no store for {scheme or 'a plain path'}; use "
@@ -152,7 +152,10 @@ def sqlite_state(database: Path) -> str:
     MLflow judges its schema)."""
     import sqlite3
 
-    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=60)
+    from mlplab.errors import UserError
+
+    # read-write, though it only reads: a journal a killed writer left is rolled back first
+    connection = sqlite3.connect(database, timeout=60)
     try:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
         migrating = any(name.startswith("_alembic_tmp") for name in tables)
@@ -162,6 +165,8 @@ def sqlite_state(database: Path) -> str:
                 return "complete"
         runs = "runs" in tables and connection.execute("SELECT 1 FROM runs LIMIT 1").fetchone()
         return "other" if runs else "half-made"
+    except sqlite3.Error as err:  # locked for a minute, or damaged
+        raise UserError(f"cannot read the MLflow store {database} ({err})") from None
     finally:
         connection.close()
 
