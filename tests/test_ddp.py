@@ -125,7 +125,10 @@ SLURM = {
 }  # fmt: skip
 
 
-def test_simulated_slurm_job_picks_the_ranks_and_its_own_requeue_folder(store, monkeypatch):
+@pytest.mark.parametrize("plugins", [[], ["--trainer.plugins", "LightningEnvironment"]],
+                         ids=["mlplab's plugin", "a config's own plugin"])  # fmt: skip
+def test_simulated_slurm_job_picks_the_ranks_and_its_own_requeue_folder(store, monkeypatch,
+                                                                          plugins):  # fmt: skip
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
     # the DDP strategy sets the process-wide rank (3 here): put it back for the other tests
@@ -133,13 +136,17 @@ def test_simulated_slurm_job_picks_the_ranks_and_its_own_requeue_folder(store, m
         monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     cli = MLPLabCLI(
         args=["--config", config("moons"), "--trainer.accelerator", "cpu",
-              "--trainer.devices", "2", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"],
+              "--trainer.devices", "2", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp",
+              *plugins],
         run=False,
     )  # fmt: skip
     trainer = cli.trainer
+    # whatever the plugins, mlplab's requeue acts on the warning (it owns SIGUSR1)
+    assert any(isinstance(cb, SLURMRequeue) for cb in trainer.callbacks)
+    if plugins:
+        return
     env = trainer.strategy.cluster_environment
     assert type(env).__name__ == "SLURMEnvironment" and not env.auto_requeue
-    assert any(isinstance(cb, SLURMRequeue) for cb in trainer.callbacks)
     assert (trainer.global_rank, trainer.local_rank, trainer.node_rank) == (3, 1, 1)
     assert trainer.world_size == 4
     assert Path(trainer.default_root_dir) == Path("mlruns") / "slurm-4242"

@@ -270,9 +270,12 @@ class MLPLabCLI(LightningCLI):
         if SLURMEnvironment.detect():
             if trainer.get("default_root_dir") == "mlruns":
                 trainer["default_root_dir"] = slurm_root_dir("mlruns")  # requeue checkpoints
-            if self.subcommand in ("fit", None) and trainer.get("plugins") is None:
-                # requeue at an epoch boundary, not inside the signal handler (see mlplab.slurm)
-                trainer["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+            if self.subcommand in ("fit", None):
+                # requeue at an epoch boundary, not inside the signal handler (see mlplab.slurm);
+                # mlplab notes SIGUSR1 from start-up, so Lightning's own requeue never registers,
+                # whatever plugins a config sets
+                if trainer.get("plugins") is None:
+                    trainer["plugins"] = [SLURMEnvironment(auto_requeue=False)]
                 callbacks.append(SLURMRequeue())
         trainer["callbacks"] = [*(trainer.get("callbacks") or []), *callbacks]
         # named after the config file (`with_experiment_name`), else after the data's class
