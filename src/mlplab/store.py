@@ -65,9 +65,8 @@ def open_store(tracking_uri: str | None = None) -> str:
             create_sqlite_store(database)
     from mlflow.tracking import MlflowClient
 
-    try:
-        with store_lock(local_store_root(uri)):
-            MlflowClient(uri).search_experiments(max_results=1)
+    try:  # no lock: a SQLite store is whole by now, and MLflow makes no tables in it
+        MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001  refused connection, DNS, HTTP, SQL: each one line
         reason = str(err).strip().splitlines()[0][:200]
         if scheme in ("http", "https"):
