@@ -130,6 +130,8 @@ CASES = {
     "classifier on numbers": ("fit --config {iris_r} --model mlplab.models.Classifier", "the data has no num_classes (regression data?): use mlplab.models.Regressor"),
     "missing checkpoint": ("{fit} --ckpt_path {dir}/nope.ckpt", "nope.ckpt does not exist; give a .ckpt file or `last`"),
     "text checkpoint": ("{fit} --ckpt_path {text}", "text.ckpt is not a readable checkpoint"),
+    "cuda graph on cpu": ("{fit} --model.cuda_graph true", "model.cuda_graph: it needs a CUDA device and this run trains on cpu (or set it false)"),
+    "cuda graph, single batches": ("{fit} --model.cuda_graph true --data.chunk 1", "this run trains on cpu; it replays over the fast path's chunks: set data.chunk above 1"),
     "xor checkpoint into iris": ("fit --config {iris} --ckpt_path {best}", "belongs to another model (net.1.weight"),
     # fit: config files
     "missing config": ("fit --config {dir}/nope.yaml", "config: File does not exist:"),

@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from mlplab import cuda_graph
 from mlplab.data.base import described_outputs
 from mlplab.errors import TrainingDiverged, UserError
 
@@ -99,6 +100,7 @@ class Task(LightningModule, abc.ABC):
         lr_scheduler_monitor: str = "val/loss",
         standardize: bool = False,
         divergence_factor: float | None = 1e4,
+        cuda_graph: bool = False,
     ) -> None:
         """`net` is called with (num_features, num_outputs) to build the network (an
         `nn.Module` already built is taken as it is); `standardize` puts the training split's
@@ -106,7 +108,10 @@ class Task(LightningModule, abc.ABC):
 
         Training stops as diverged when an epoch's train/loss is NaN, infinite, or above
         `divergence_factor` times the loss of the first training batch (the untrained model's):
-        a finite explosion is a failure too (None: only NaN and infinity)."""
+        a finite explosion is a failure too (None: only NaN and infinity).
+
+        `cuda_graph` replays the fast path's per-batch forward and backward pass as one CUDA
+        graph (`mlplab.cuda_graph`): for small networks on a GPU, bound by kernel launches."""
         super().__init__()
         # num_outputs follows from a subclass's own argument, so it is not a hyperparameter
         with warnings.catch_warnings():  # a net built in Python is dropped just below
@@ -135,6 +140,7 @@ class Task(LightningModule, abc.ABC):
         self.val_samples, self.test_samples = EpochCount(), EpochCount()
         self.batches_seen = 0  # fast path: batches of this epoch, for gradient accumulation
         self.backward_fn = self.manual_backward  # fast path: see `on_train_start`
+        self.step_graph: cuda_graph.StepGraph | None = None  # fast path with `cuda_graph`
         self.initial_loss: float | None = None  # see `on_train_epoch_end`
 
     # --- what a task defines -------------------------------------------------------------------
@@ -253,6 +259,10 @@ class Task(LightningModule, abc.ABC):
             self.input_norm.std.copy_(std)
         # the datamodule decided in its own `setup` (it runs first) whether batches come chunked
         self.automatic_optimization = not getattr(datamodule, "chunked", False)
+        if self.hparams.get("cuda_graph"):
+            found = cuda_graph.blockers(self.trainer, self, not self.automatic_optimization)
+            if found:
+                raise UserError(f"model.cuda_graph: {'; '.join(found)} (or set it false)")
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters(), self.hparams.lr)
@@ -293,11 +303,9 @@ class Task(LightningModule, abc.ABC):
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             if steps_left == 0:
                 break  # max_steps lands inside this chunk: stop exactly there
-            logits = self(x)
-            loss = self.loss(logits, y, self.sample_weights(y, ws[0][i] if ws else None, "train"))
+            loss, logits = (self.step_graph or self.micro_step)(x, y, ws[0][i] if ws else None)
             if self.initial_loss is None:
                 self.note_initial_loss(loss)
-            self.backward_fn(loss / accumulate if accumulate > 1 else loss)
             self.batches_seen += 1
             used += 1
             losses.append(loss.detach())
@@ -309,7 +317,8 @@ class Task(LightningModule, abc.ABC):
                     optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
                 )
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # a graph's backward pass adds into the gradient tensors it was captured with
+            optimizer.zero_grad(set_to_none=self.step_graph is None)
             steps_left -= 1
             if step_scheduler:
                 self.step_schedulers("step")
@@ -318,6 +327,15 @@ class Task(LightningModule, abc.ABC):
             sizes = torch.tensor([len(x) for x in xs[:used]], dtype=torch.float32, device=y.device)
             mean = torch.stack(losses) @ sizes / len(y)
             self.update_metrics("train", torch.cat(outputs), y, mean)
+
+    def micro_step(self, x, y, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast path: one batch's forward and backward pass (gradients added to `.grad`);
+        the loss and logits, detached. What `cuda_graph` captures."""
+        logits = self(x)
+        loss = self.loss(logits, y, self.sample_weights(y, weight, "train"))
+        accumulate = self.trainer.accumulate_grad_batches
+        self.backward_fn(loss / accumulate if accumulate > 1 else loss)
+        return loss.detach(), logits.detach()
 
     def on_train_start(self) -> None:
         # Lightning's `manual_backward` runs the backward hooks (the fast path runs only where
@@ -333,6 +351,11 @@ class Task(LightningModule, abc.ABC):
             )
         )
         self.backward_fn = torch.Tensor.backward if plain else self.manual_backward
+        if self.hparams.get("cuda_graph"):  # a fresh capture for every fit
+            self.step_graph = cuda_graph.StepGraph(self.micro_step)
+
+    def on_train_end(self) -> None:
+        self.step_graph = None  # frees the graph's memory pool
 
     def step_schedulers(self, interval: str) -> None:
         """Fast path: step the scheduler as Lightning would with this interval and frequency."""

@@ -1,0 +1,96 @@
+"""`model.cuda_graph`: the fast path's per-batch forward and backward as one CUDA graph replay.
+
+At batch 32 a small MLP on a GPU is bound by kernel launches: each of the ~30 kernels of a
+forward and backward pass costs more in Python and the CUDA driver than on the GPU. Captured
+once (`torch.cuda.graph`) and replayed for every full batch, they are one launch. Only the
+forward pass, loss and backward pass are captured: the optimiser step, gradient clipping,
+accumulation and schedulers stay eager in `Task.chunk_step`, through Lightning's own calls, so
+steps are still optimiser steps and any optimiser works. The gradients are kept allocated
+(`zero_grad(set_to_none=False)`), so the captured backward pass adds into the same tensors that
+the eager optimiser reads.
+
+What a graph cannot replay is refused in one line (`blockers`): a device other than CUDA,
+several devices, mixed precision (its loss scaling and autocast caches act between kernels),
+single batches (no chunks to replay over), and backward hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]
+
+BACKWARD_HOOKS = ("on_before_backward", "backward", "on_after_backward")
+
+
+def blockers(trainer: Trainer, module: LightningModule, chunked: bool) -> list[str]:
+    """Why this run's per-batch step cannot be a graph replay (empty: it can)."""
+    found = []
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        found.append(f"it needs a CUDA device and this run trains on {device.type}")
+    if type(trainer.strategy) is not SingleDeviceStrategy:
+        found.append(f"it runs on one device, not under {type(trainer.strategy).__name__}")
+    if type(trainer.precision_plugin) is not Precision:
+        found.append(f"it captures 32-bit steps, not trainer.precision {trainer.precision}")
+    if not chunked:
+        found.append("it replays over the fast path's chunks: set data.chunk above 1")
+    if any(is_overridden(hook, module, LightningModule) for hook in BACKWARD_HOOKS):
+        found.append(f"{type(module).__name__} overrides a backward hook")
+    return found
+
+
+class StepGraph:
+    """Calls `step(x, y, weight)` (forward, loss, backward; returns detached tensors) for every
+    batch: eagerly for the first `warmup` full batches (on a side stream, as CUDA graphs ask)
+    and for any batch of another shape (an epoch's last), then as a replay of the graph
+    captured on the next full batch, its inputs copied into the graph's own tensors."""
+
+    def __init__(self, step: Step, warmup: int = 3) -> None:
+        self.step, self.warmup = step, warmup
+        self.shape: torch.Size | None = None  # the full batch, set by the first batch
+        self.calls = 0  # full batches seen
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor | None, ...] = ()
+        self.outputs: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self, x, y, weight=None) -> tuple[torch.Tensor, ...]:
+        if self.shape is None:
+            self.shape = x.shape
+        if x.shape != self.shape:
+            return self.step(x, y, weight)
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self.on_side_stream(x, y, weight)
+        if self.graph is None:
+            self.inputs = tuple(t if t is None else t.clone() for t in (x, y, weight))
+            self.capture()
+        else:
+            for static, t in zip(self.inputs, (x, y, weight), strict=True):
+                if static is not None:
+                    static.copy_(t)
+        self.replay()
+        return tuple(t.clone() for t in self.outputs)  # the next replay overwrites them
+
+    def on_side_stream(self, x, y, weight) -> tuple[torch.Tensor, ...]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.step(x, y, weight)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def capture(self) -> None:
+        """Record the step's kernels on the graph's inputs (capturing runs none of them)."""
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.step(*self.inputs)
+
+    def replay(self) -> None:
+        self.graph.replay()

@@ -1,0 +1,93 @@
+"""`model.cuda_graph` on CPU: everything around the capture. The graph itself is replaced by an
+emulator that calls the step on the graph's input tensors, as the captured kernels read them; on
+a GPU `tests/test_gpu.py` replays real graphs."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+from lightning.pytorch import Trainer
+
+from mlplab import cuda_graph
+from mlplab.models import MLP, Classifier
+from test_fast_path import FEATURES, assert_same_training, train
+
+
+class EmulatedGraph(cuda_graph.StepGraph):
+    """Counts what a real StepGraph would launch; a replay runs the step on `self.inputs`."""
+
+    made: list[EmulatedGraph] = []
+
+    def __init__(self, step, warmup: int = 3) -> None:
+        super().__init__(self.eager, warmup)
+        self.run = step
+        self.counts = {"side stream": 0, "eager": 0, "capture": 0, "replay": 0}
+        EmulatedGraph.made.append(self)
+
+    def eager(self, *args):
+        self.counts["eager"] += 1
+        return self.run(*args)
+
+    def on_side_stream(self, x, y, weight):
+        self.counts["side stream"] += 1
+        return self.step(x, y, weight)
+
+    def capture(self) -> None:
+        self.counts["capture"] += 1
+        self.graph = "captured"
+
+    def replay(self) -> None:
+        self.counts["replay"] += 1
+        self.outputs = self.run(*self.inputs)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    EmulatedGraph.made.clear()
+    monkeypatch.setattr(cuda_graph, "StepGraph", EmulatedGraph)
+    monkeypatch.setattr(cuda_graph, "blockers", lambda *args: [])
+    return EmulatedGraph.made
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_replays_train_exactly_as_the_eager_fast_path(feature, emulated):
+    """Same weights, global step, learning rate and metrics as eager chunks: the inputs reach
+    the graph's tensors, gradients kept allocated add up, accumulation, clipping, max_steps and
+    schedulers act between replays as between eager steps."""
+    trainer_options, task_options = FEATURES[feature]
+    eager, eager_metrics = train(8, task_options=task_options, **trainer_options)
+    graphed, graphed_metrics = train(
+        8, task_options={**task_options, "cuda_graph": True}, **trainer_options
+    )
+    assert_same_training(eager, graphed)
+    assert graphed_metrics == pytest.approx(eager_metrics, abs=1e-6)
+    (graph,) = emulated
+    assert graph.counts["capture"] == 1 and graph.counts["replay"] > 0
+    assert graphed.step_graph is None  # dropped when training ends
+
+
+def test_warm_up_then_one_capture_and_the_short_batch_eagerly(emulated):
+    train(8, epochs=2, task_options={"cuda_graph": True})
+    (graph,) = emulated
+    # 300 samples in batches of 16: 18 full batches and one of 12 an epoch
+    assert graph.counts == {"side stream": 3, "eager": 3 + 2, "capture": 1, "replay": 36 - 3}
+
+
+def blocked(**trainer_options) -> list[str]:
+    trainer = Trainer(accelerator="cpu", logger=False, **trainer_options)
+    task = Classifier(partial(MLP, hidden_sizes=[4]), num_features=64, num_classes=10)
+    return cuda_graph.blockers(trainer, task, chunked=False)
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        ({}, "it needs a CUDA device and this run trains on cpu"),
+        ({}, "it replays over the fast path's chunks: set data.chunk above 1"),
+        ({"precision": "bf16-mixed"}, "it captures 32-bit steps, not trainer.precision bf16-mixed"),
+        ({"strategy": "ddp", "devices": 1}, "it runs on one device, not under DDPStrategy"),
+    ],
+)
+def test_what_a_graph_cannot_replay_is_named(options, reason):
+    assert reason in blocked(**options)
