@@ -6,9 +6,12 @@ CONFIG ?= configs/xor.yaml
 # test processes (pytest-xdist, one file each): most tests wait on one-thread subprocesses
 JOBS   ?= 2
 STORE  ?= sqlite:///mlruns/mlflow.db
+# what an offline GPU machine needs (`make gpu-carry`); `make gpu-check` installs from it
+CARRY  ?= .gpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all slurm-check reproduce bench examples lint ui server clean
+.PHONY: help install train test test-all slurm-check gpu-carry gpu-check reproduce bench examples lint ui \
+	server clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +38,13 @@ slurm-check: $(STAMP) ## the SLURM batch script on a one-node SLURM started here
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge)
 	$(BIN)/python -m pytest -m slow tests/test_slurm.py
 
+gpu-carry: $(STAMP) ## wheels and gzipped datasets for an offline GPU machine, in .gpu/ (needs network)
+	$(BIN)/python scripts/gpu/carry.py --to $(CARRY)
+
+gpu-check: ## on a CUDA machine: the gpu tests, the GPU benchmark, the seeds timed (into gpu-figures/)
+	@if [ -d $(CARRY)/wheels ]; then scripts/gpu/check.sh python3 --carry $(CARRY); \
+	else $(MAKE) install && scripts/gpu/check.sh $(BIN)/python; fi
+
 reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and write docs/RESULTS.md
 	$(BIN)/mlplab reproduce
 
@@ -45,7 +55,7 @@ examples: $(STAMP) ## write the data of configs/examples/ (from scikit-learn) un
 	$(BIN)/python -m mlplab.data.examples .
 
 lint: $(STAMP) ## ruff over the sources, tests and benchmark
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 
 ui: $(STAMP) ## the MLflow UI on the project's store, at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000

@@ -55,13 +55,18 @@ class PlainLoop:
     """The floor: a hand-written loop over in-memory tensors, with its own model, optimiser and
     random generator, so that it can run between another contender's epochs without touching
     them. `compiled` wraps the model ("model") or also the optimiser step ("step") in
-    `torch.compile`."""
+    `torch.compile`. On a GPU the data and model live on the device."""
 
-    def __init__(self, data_dir: str, fused: bool = False, compiled: str | None = None) -> None:
+    def __init__(
+        self, data_dir: str, fused: bool = False, compiled: str | None = None, device: str = "cpu"
+    ) -> None:
         dm = MNISTDataModule(data_dir=data_dir)
         dm.setup()
-        (self.x, self.y), (self.xv, self.yv) = dm.data["train"], dm.data["val"]
-        self.model = seed_model()
+        self.device = torch.device(device)
+        (self.x, self.y), (self.xv, self.yv) = (
+            tuple(t.to(self.device) for t in dm.data[split]) for split in ("train", "val")
+        )
+        self.model = seed_model().to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, fused=fused or None)
         self.forward = torch.compile(self.model) if compiled else self.model
         self.step = self.optimizer.step
@@ -73,7 +78,8 @@ class PlainLoop:
         """Seconds for one pass over the training split plus a validation pass."""
         start = time.perf_counter()
         self.model.train()
-        for index in torch.randperm(len(self.x), generator=self.generator).split(32):
+        order = torch.randperm(len(self.x), generator=self.generator).to(self.device)
+        for index in order.split(32):
             loss = nn.functional.cross_entropy(self.forward(self.x[index]), self.y[index])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -82,6 +88,12 @@ class PlainLoop:
         with torch.no_grad():
             (self.model(self.xv).argmax(1) == self.yv).float().mean().item()
         return time.perf_counter() - start
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that an epoch's time includes it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class PairedEpochs(Callback):
@@ -98,6 +110,7 @@ class PairedEpochs(Callback):
         self._plain_seconds, self._start = 0.0, None
 
     def _close(self) -> None:
+        synchronize()
         if self._start is not None:
             self.pairs.append((self._plain_seconds, time.perf_counter() - self._start))
             self._start = None
@@ -105,6 +118,7 @@ class PairedEpochs(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._close()
         self._plain_seconds = self.plain.epoch()
+        synchronize()
         self._start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -134,7 +148,9 @@ class IdiomModule(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def lightning_idiom(epochs: int, data_dir: str, plain: PlainLoop) -> list[tuple[float, float]]:
+def lightning_idiom(
+    epochs: int, data_dir: str, plain: PlainLoop, accelerator: str = "cpu"
+) -> list[tuple[float, float]]:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
@@ -145,6 +161,7 @@ def lightning_idiom(epochs: int, data_dir: str, plain: PlainLoop) -> list[tuple[
     trainer = Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+        accelerator=accelerator, devices=1,
     )  # fmt: skip
     trainer.fit(IdiomModule(), train, val)
     return timer.pairs
@@ -183,6 +200,7 @@ def mlplab_fit(
             return trainer
 
         def after_fit(self) -> None:
+            seen["val/acc"] = float(self.trainer.callback_metrics["val/acc"])
             start = time.perf_counter()
             super().after_fit()
             seen["after fit"] = time.perf_counter() - start
@@ -272,6 +290,13 @@ def summary(pairs: list[tuple[float, float]]) -> tuple[float, float, float, floa
     )
 
 
+def quiet_libraries() -> None:
+    """Lightning's and torch's notes would interleave with the report."""
+    for name in ("lightning.pytorch", "pytorch_lightning", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(f"{name}.utilities.rank_zero").setLevel(logging.ERROR)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -289,9 +314,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the CLI runs below get their own arguments
     warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "pytorch_lightning", "torch"):  # their notes, not ours
-        logging.getLogger(name).setLevel(logging.ERROR)
-        logging.getLogger(f"{name}.utilities.rank_zero").setLevel(logging.ERROR)
+    quiet_libraries()
     if args.epochs < 3:
         parser.error("--epochs must be at least 3: the first is warm-up")
     torch.set_num_threads(1)  # the same for every contender; mlplab's default

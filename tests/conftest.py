@@ -92,7 +92,8 @@ def pytest_configure(config):
 
 def real_data(folder: str = "MNIST") -> bool:
     root = os.environ.get("MLPLAB_DATA_DIR")
-    return bool(root) and (Path(root) / folder / "raw" / "train-images-idx3-ubyte").is_file()
+    raw = Path(root or ".") / folder / "raw"
+    return bool(root) and any(raw.glob("train-images-idx3-ubyte*"))  # gzipped too
 
 
 class MlflowServer:

@@ -24,6 +24,8 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from mlplab.errors import UserError
+
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]
 
 BACKWARD_HOOKS = ("on_before_backward", "backward", "on_after_backward")
@@ -89,8 +91,14 @@ class StepGraph:
     def capture(self) -> None:
         """Record the step's kernels on the graph's inputs (capturing runs none of them)."""
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.step(*self.inputs)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.step(*self.inputs)
+        except RuntimeError as err:  # an operation that waits for the GPU, a shape from data
+            reason = str(err).strip().splitlines()[0]
+            raise UserError(
+                f"model.cuda_graph: the training step cannot be captured ({reason}); set it false"
+            ) from err
 
     def replay(self) -> None:
         self.graph.replay()
