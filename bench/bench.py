@@ -20,6 +20,7 @@ and XOR end to end.
 from __future__ import annotations
 
 import argparse
+import gzip
 import logging
 import os
 import statistics
@@ -148,13 +149,26 @@ class IdiomModule(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
+def unpacked(data_dir: str) -> str:
+    """torchvision reads MNIST's IDX files only unpacked: a gzipped copy (as `make gpu-carry`
+    writes it) is unpacked into a temporary folder."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    if (raw / "train-images-idx3-ubyte").exists() or not any(raw.glob("*-ubyte.gz")):
+        return data_dir
+    folder = Path(tempfile.mkdtemp(prefix="mlplab-mnist-"))
+    (folder / "MNIST" / "raw").mkdir(parents=True)
+    for packed in raw.glob("*-ubyte.gz"):
+        (folder / "MNIST" / "raw" / packed.stem).write_bytes(gzip.decompress(packed.read_bytes()))
+    return str(folder)
+
+
 def lightning_idiom(
     epochs: int, data_dir: str, plain: PlainLoop, accelerator: str = "cpu"
 ) -> list[tuple[float, float]]:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    mnist = datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor())
+    mnist = datasets.MNIST(unpacked(data_dir), train=True, transform=transforms.ToTensor())
     train = DataLoader(Subset(mnist, range(5000, 60000)), batch_size=32, shuffle=True)
     val = DataLoader(Subset(mnist, range(5000)), batch_size=32)
     timer = PairedEpochs(plain)
@@ -297,9 +311,10 @@ def quiet_libraries() -> None:
         logging.getLogger(f"{name}.utilities.rank_zero").setLevel(logging.ERROR)
 
 
-def main() -> None:
+def parser_for(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark of this folder takes."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=description, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--epochs", type=int, default=5, help="per run; the first is warm-up")
     parser.add_argument(
@@ -307,6 +322,11 @@ def main() -> None:
         default=os.environ.get("MLPLAB_DATA_DIR", str(ROOT.parent / "shared" / "datasets")),
     )
     parser.add_argument("--skip-idiom", action="store_true", help="leave out the slow idiom run")
+    return parser
+
+
+def main() -> None:
+    parser = parser_for(__doc__)
     parser.add_argument("--skip-threads", action="store_true", help="leave out the thread study")
     parser.add_argument(
         "--skip-stretch", action="store_true", help="leave out the plain loop's own levers"

@@ -26,7 +26,7 @@ import warnings
 from datetime import datetime, timezone
 
 import torch
-from bench import ROOT, PlainLoop, lightning_idiom, mlplab_fit, quiet_libraries, summary
+from bench import PlainLoop, lightning_idiom, mlplab_fit, parser_for, quiet_libraries, summary
 
 TARGETS = {"mlplab": "<= 1.1x", "cuda graph": "<= 0.33x"}
 
@@ -69,16 +69,8 @@ def report(rows: dict, accuracy: dict, args: argparse.Namespace, command: str) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--epochs", type=int, default=5, help="per run; the first is warm-up")
-    parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("MLPLAB_DATA_DIR", str(ROOT.parent / "shared" / "datasets")),
-    )
+    parser = parser_for(__doc__)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--skip-idiom", action="store_true", help="leave out the slow idiom run")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
     args = parser.parse_args()
     if args.epochs < 3:
@@ -93,18 +85,23 @@ def main() -> None:
     store = f"sqlite:///{tempfile.mkdtemp(prefix='mlplab-bench-')}/mlflow.db"
     plain = PlainLoop(args.data_dir, device=args.device)
 
-    pairs, accuracy = {}, {}
+    rows, accuracy = {}, {}
+
+    def say() -> str:  # after every contender: a run cut short keeps what it measured
+        table = report(rows, accuracy, args, command)
+        if args.out:
+            with open(args.out, "w") as out:
+                out.write(table)
+        return table
+
     for name, extra in contenders(args.device).items():
         run = mlplab_fit(args.epochs, args.data_dir, store, plain, *extra)
-        pairs[name], accuracy[name] = run["pairs"], run["val/acc"]
+        rows[name], accuracy[name] = summary(run["pairs"]), run["val/acc"]
+        say()
     if not args.skip_idiom:
         accelerator = "gpu" if args.device == "cuda" else "cpu"
-        pairs["idiom"] = lightning_idiom(args.epochs, args.data_dir, plain, accelerator)
-    table = report({name: summary(p) for name, p in pairs.items()}, accuracy, args, command)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as out:
-            out.write(table)
+        rows["idiom"] = summary(lightning_idiom(args.epochs, args.data_dir, plain, accelerator))
+    print(say())
 
 
 if __name__ == "__main__":

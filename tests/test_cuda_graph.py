@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from mlplab import cuda_graph
 from mlplab.models import MLP, Classifier
@@ -19,8 +19,8 @@ class EmulatedGraph(cuda_graph.StepGraph):
 
     made: list[EmulatedGraph] = []
 
-    def __init__(self, step, warmup: int = 3) -> None:
-        super().__init__(self.eager, warmup)
+    def __init__(self, step, module, warmup: int = 3) -> None:
+        super().__init__(self.eager, module, warmup)
         self.run = step
         self.counts = {"side stream": 0, "eager": 0, "capture": 0, "replay": 0}
         EmulatedGraph.made.append(self)
@@ -74,10 +74,24 @@ def test_warm_up_then_one_capture_and_the_short_batch_eagerly(emulated):
     assert graph.counts == {"side stream": 3, "eager": 3 + 2, "capture": 1, "replay": 36 - 3}
 
 
-def blocked(**trainer_options) -> list[str]:
+class FreezeFirstLayer(Callback):
+    """Between epochs, as a fine-tuning callback does: the first layer stops training."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            next(pl_module.net.parameters()).requires_grad_(False)
+
+
+def test_a_layer_frozen_between_epochs_is_captured_again(emulated):
+    """A graph replays the backward pass it captured: with a parameter frozen, a new one."""
+    train(8, epochs=3, callbacks=[FreezeFirstLayer()], task_options={"cuda_graph": True})
+    assert [graph.counts["capture"] for graph in emulated] == [1, 1]
+
+
+def blocked(chunk: int = 1, chunked: bool = False, **trainer_options) -> list[str]:
     trainer = Trainer(accelerator="cpu", logger=False, **trainer_options)
     task = Classifier(partial(MLP, hidden_sizes=[4]), num_features=64, num_classes=10)
-    return cuda_graph.blockers(trainer, task, chunked=False)
+    return cuda_graph.blockers(trainer, task, chunk, chunked)
 
 
 @pytest.mark.parametrize(
@@ -85,9 +99,14 @@ def blocked(**trainer_options) -> list[str]:
     [
         ({}, "it needs a CUDA device and this run trains on cpu"),
         ({}, "it replays over the fast path's chunks: set data.chunk above 1"),
+        ({"chunk": 8}, "it replays over the fast path's chunks, and data.chunk 8 is off"),
         ({"precision": "bf16-mixed"}, "it captures 32-bit steps, not trainer.precision bf16-mixed"),
         ({"strategy": "ddp", "devices": 1}, "it runs on one device, not under DDPStrategy"),
     ],
 )
 def test_what_a_graph_cannot_replay_is_named(options, reason):
     assert reason in blocked(**options)
+
+
+def test_no_chunks_reason_when_they_are_on():
+    assert not any("chunks" in reason for reason in blocked(chunk=8, chunked=True))

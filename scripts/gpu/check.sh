@@ -6,7 +6,7 @@
 # --carry DIR: a folder made by scripts/gpu/carry.py on a machine with network: its wheels are
 # installed offline (pip --no-index) into DIR/site and its datasets are used.
 # $REPRODUCE_ARGS: more `mlplab reproduce` arguments (`--only mnist mnist_1v7` where only MNIST
-# was carried).
+# was carried). Every step runs even when an earlier one fails; the exit status is 1 if any did.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python=${1:?usage: scripts/gpu/check.sh PYTHON [--carry DIR] [tests|bench|reproduce ...]}
@@ -17,22 +17,29 @@ steps=${*:-tests bench reproduce}
 figures=${FIGURES:-gpu-figures}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$carry" ]; then
+    rm -rf "$carry/site"  # the wheels carried this time, no older ones
     "$python" -m pip install -q --no-index --no-deps --no-compile --target "$carry/site" \
         "$carry"/wheels/*.whl
     export PYTHONPATH="$carry/site:$PYTHONPATH"
+    # --no-deps: say where a wheel wants another version of what the machine ships
+    "$python" -m pip check >&2 || echo "scripts/gpu/check.sh: warning: pip check (above)" >&2
     if [ -d "$carry/datasets" ]; then export MLPLAB_DATA_DIR="$carry/datasets"; fi
 fi
 "$python" -c 'import sys, torch; torch.cuda.is_available() or sys.exit("scripts/gpu/check.sh: error: no CUDA device here")'
 mkdir -p "$figures"
+status=0
 for step in $steps; do
     case $step in
-        tests) "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$figures/tests.txt" ;;
-        bench) "$python" bench/gpu.py --out "$figures/bench.md" ;;
+        tests) "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 |
+            tee "$figures/tests.txt" || status=1 ;;
+        bench) "$python" bench/gpu.py --out "$figures/bench.md" || status=1 ;;
         reproduce)
             # shellcheck disable=SC2086  # the extra arguments split as words
             "$python" -m mlplab reproduce --output "$figures/RESULTS.md" ${REPRODUCE_ARGS:-} \
-                --trainer.accelerator gpu --data.on_device true ;;
-        *) echo "scripts/gpu/check.sh: error: unknown step $step (tests, bench, reproduce)" >&2; exit 2 ;;
+                --trainer.accelerator gpu --data.on_device true || status=1 ;;
+        *) echo "scripts/gpu/check.sh: error: unknown step $step (tests, bench, reproduce)" >&2
+            exit 2 ;;
     esac
 done
-echo "scripts/gpu/check.sh: $steps done; figures in $figures/"
+echo "scripts/gpu/check.sh: $steps: $([ $status = 0 ] && echo passed || echo FAILED); figures in $figures/"
+exit $status

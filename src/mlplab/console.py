@@ -29,15 +29,18 @@ class StartupLines(logging.Filter):
 
 
 class ReleaseStartupLines(Callback):
-    """A stage starts: the held lines are printed, and later ones are not held."""
+    """A stage starts (its data, model and optimiser all set up): the held lines are printed,
+    and later ones are not held."""
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def release(self, *args) -> None:
         for handler in logging.getLogger("lightning").handlers:
             for held in [f for f in handler.filters if isinstance(f, StartupLines)]:
                 held.holding = False
                 for record in held.held:
                     handler.handle(record)
                 held.held.clear()
+
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = release
 
 
 def hold_startup_lines() -> None:

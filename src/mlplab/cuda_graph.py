@@ -9,9 +9,11 @@ steps are still optimiser steps and any optimiser works. The gradients are kept 
 (`zero_grad(set_to_none=False)`), so the captured backward pass adds into the same tensors that
 the eager optimiser reads.
 
-What a graph cannot replay is refused in one line (`blockers`): a device other than CUDA,
-several devices, mixed precision (its loss scaling and autocast caches act between kernels),
-single batches (no chunks to replay over), and backward hooks.
+A graph replays fixed memory: when anything it reads is replaced between epochs (a callback
+unfreezing layers, swapping batch-norm buffers or freeing the gradients), the task captures
+again. What a graph cannot replay is refused in one line (`blockers`): a device other than
+CUDA, several devices, a precision other than 32-bit (loss scaling and autocast caches act
+between kernels), single batches (no chunks to replay over), and backward hooks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
 from mlplab.errors import UserError
 
@@ -31,7 +34,7 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.T
 BACKWARD_HOOKS = ("on_before_backward", "backward", "on_after_backward")
 
 
-def blockers(trainer: Trainer, module: LightningModule, chunked: bool) -> list[str]:
+def blockers(trainer: Trainer, module: LightningModule, chunk: int, chunked: bool) -> list[str]:
     """Why this run's per-batch step cannot be a graph replay (empty: it can)."""
     found = []
     device = trainer.strategy.root_device
@@ -41,24 +44,42 @@ def blockers(trainer: Trainer, module: LightningModule, chunked: bool) -> list[s
         found.append(f"it runs on one device, not under {type(trainer.strategy).__name__}")
     if type(trainer.precision_plugin) is not Precision:
         found.append(f"it captures 32-bit steps, not trainer.precision {trainer.precision}")
-    if not chunked:
+    if chunk <= 1:
         found.append("it replays over the fast path's chunks: set data.chunk above 1")
+    elif not chunked:
+        found.append(f"it replays over the fast path's chunks, and data.chunk {chunk} is off")
     if any(is_overridden(hook, module, LightningModule) for hook in BACKWARD_HOOKS):
         found.append(f"{type(module).__name__} overrides a backward hook")
     return found
+
+
+def memory_in_use(module: nn.Module) -> tuple:
+    """What a captured step reads and writes, by address: parameters, their gradients, buffers,
+    and which parameters train and which modules are in training mode."""
+    params = [(p.data_ptr(), p.requires_grad, p.grad is not None and p.grad.data_ptr())
+              for p in module.parameters()]  # fmt: skip
+    buffers = [b.data_ptr() for b in module.buffers()]
+    return (*params, *buffers, *(m.training for m in module.modules()))
 
 
 class StepGraph:
     """Calls `step(x, y, weight)` (forward, loss, backward; returns detached tensors) for every
     batch: eagerly for the first `warmup` full batches (on a side stream, as CUDA graphs ask)
     and for any batch of another shape (an epoch's last), then as a replay of the graph
-    captured on the next full batch, its inputs copied into the graph's own tensors."""
+    captured on the next full batch, its inputs copied into the graph's own tensors.
 
-    def __init__(self, step: Step, warmup: int = 3) -> None:
-        self.step, self.warmup = step, warmup
+    The warm-up also allocates the gradients: the captured backward pass then adds into them
+    (it would otherwise write a gradient of its own that each replay overwrites)."""
+
+    def __init__(self, step: Step, module: nn.Module, warmup: int = 3) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (it makes the gradients), got {warmup}")
+        self.step, self.module, self.warmup = step, module, warmup
         self.shape: torch.Size | None = None  # the full batch, set by the first batch
         self.calls = 0  # full batches seen
+        self.side: torch.cuda.Stream | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured_on: tuple = ()  # `memory_in_use` when captured
         self.inputs: tuple[torch.Tensor | None, ...] = ()
         self.outputs: tuple[torch.Tensor, ...] = ()
 
@@ -72,6 +93,7 @@ class StepGraph:
             return self.on_side_stream(x, y, weight)
         if self.graph is None:
             self.inputs = tuple(t if t is None else t.clone() for t in (x, y, weight))
+            self.captured_on = memory_in_use(self.module)
             self.capture()
         else:
             for static, t in zip(self.inputs, (x, y, weight), strict=True):
@@ -80,25 +102,35 @@ class StepGraph:
         self.replay()
         return tuple(t.clone() for t in self.outputs)  # the next replay overwrites them
 
+    def stale(self) -> bool:
+        """Whether what the graph reads has been replaced since it was captured."""
+        return self.graph is not None and memory_in_use(self.module) != self.captured_on
+
     def on_side_stream(self, x, y, weight) -> tuple[torch.Tensor, ...]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side = self.side or torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             out = self.step(x, y, weight)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         return out
 
     def capture(self) -> None:
         """Record the step's kernels on the graph's inputs (capturing runs none of them)."""
         self.graph = torch.cuda.CUDAGraph()
+        failure = None
         try:
             with torch.cuda.graph(self.graph):
-                self.outputs = self.step(*self.inputs)
-        except RuntimeError as err:  # an operation that waits for the GPU, a shape from data
-            reason = str(err).strip().splitlines()[0]
+                try:
+                    self.outputs = self.step(*self.inputs)
+                except RuntimeError as err:  # the cause; ending the capture then fails too
+                    failure = err
+        except RuntimeError as err:
+            failure = failure or err
+        if failure is not None:  # an operation that waits for the GPU, a shape from data
+            reason = str(failure).strip().splitlines()[0]
             raise UserError(
                 f"model.cuda_graph: the training step cannot be captured ({reason}); set it false"
-            ) from err
+            ) from failure
 
     def replay(self) -> None:
         self.graph.replay()

@@ -191,9 +191,10 @@ def main(argv: list[str]) -> None:
         parser.error(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     chosen = [known[n] for n in args.only] if args.only else EXPERIMENTS
     rows = []
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     for experiment in chosen:
         print(f"mlplab reproduce: {experiment.name}", file=sys.stderr, flush=True)
         rows.append((experiment, *run(experiment, args.configs, extra)))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report(rows, "mlplab reproduce " + " ".join(argv)))
+        # after every experiment: a run stopped midway keeps the rows it has
+        args.output.write_text(report(rows, "mlplab reproduce " + " ".join(argv)))
     print(f"mlplab reproduce: wrote {args.output}", file=sys.stderr)

@@ -251,18 +251,19 @@ class Task(LightningModule, abc.ABC):
     # --- optimisation --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if stage != "fit" or datamodule is None:
+        if stage != "fit":
             return
-        if self.hparams.standardize:
-            mean, std = datamodule.feature_stats()
-            self.input_norm.mean.copy_(mean)
-            self.input_norm.std.copy_(std)
         # the datamodule decided in its own `setup` (it runs first) whether batches come chunked
         self.automatic_optimization = not getattr(datamodule, "chunked", False)
         if self.hparams.get("cuda_graph"):
-            found = cuda_graph.blockers(self.trainer, self, not self.automatic_optimization)
+            chunk = getattr(datamodule, "chunk", 1)
+            found = cuda_graph.blockers(self.trainer, self, chunk, not self.automatic_optimization)
             if found:
                 raise UserError(f"model.cuda_graph: {'; '.join(found)} (or set it false)")
+        if self.hparams.standardize and datamodule is not None:
+            mean, std = datamodule.feature_stats()
+            self.input_norm.mean.copy_(mean)
+            self.input_norm.std.copy_(std)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters(), self.hparams.lr)
@@ -283,6 +284,8 @@ class Task(LightningModule, abc.ABC):
 
     def on_train_epoch_start(self) -> None:
         self.batches_seen = 0
+        if self.step_graph is not None and self.step_graph.stale():  # see `mlplab.cuda_graph`
+            self.step_graph = cuda_graph.StepGraph(self.micro_step, self)
 
     def chunk_step(self, batch, batch_idx: int) -> None:
         """The fast path: `batch` is (xs, ys), tuples of consecutive batches; each is one
@@ -352,7 +355,14 @@ class Task(LightningModule, abc.ABC):
         )
         self.backward_fn = torch.Tensor.backward if plain else self.manual_backward
         if self.hparams.get("cuda_graph"):  # a fresh capture for every fit
-            self.step_graph = cuda_graph.StepGraph(self.micro_step)
+            self.step_graph = cuda_graph.StepGraph(self.micro_step, self)
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning frees the gradients before validating; a captured graph adds into them."""
+        if self.step_graph is None:
+            super().on_validation_model_zero_grad()
+        else:
+            self.zero_grad(set_to_none=False)
 
     def on_train_end(self) -> None:
         self.step_graph = None  # frees the graph's memory pool
