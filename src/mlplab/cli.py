@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mlplab import interrupts
+from mlplab import cuda_graph, fast_path, interrupts
 from mlplab.checkpoints import Checkpoint, latest_checkpoint
 from mlplab.console import ReleaseStartupLines, hold_startup_lines
 from mlplab.errors import UserError, parse_cause, say_mistake
@@ -378,6 +378,10 @@ class MLPLabCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
+        if getattr(self.model, "hparams", {}).get("cuda_graph"):  # refused before a run exists
+            chunk = getattr(self.datamodule, "chunk", 1)
+            chunked = chunk > 1 and not fast_path.blockers(self.trainer, self.model)
+            cuda_graph.refuse(self.trainer, self.model, chunk, chunked)
         if isinstance(self.trainer.logger, MLflowRunLogger):
             self.trainer.logger.keep_open = True  # until the test and the model (`after_fit`)
 

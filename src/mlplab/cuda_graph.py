@@ -53,6 +53,13 @@ def blockers(trainer: Trainer, module: LightningModule, chunk: int, chunked: boo
     return found
 
 
+def refuse(trainer: Trainer, module: LightningModule, chunk: int, chunked: bool) -> None:
+    """The one-line refusal, where `blockers` finds a reason."""
+    found = blockers(trainer, module, chunk, chunked)
+    if found:
+        raise UserError(f"model.cuda_graph: {'; '.join(found)} (or set it false)")
+
+
 def memory_in_use(module: nn.Module) -> tuple:
     """What a captured step reads and writes, by address: parameters, their gradients, buffers,
     and which parameters train and which modules are in training mode."""

@@ -257,9 +257,7 @@ class Task(LightningModule, abc.ABC):
         self.automatic_optimization = not getattr(datamodule, "chunked", False)
         if self.hparams.get("cuda_graph"):
             chunk = getattr(datamodule, "chunk", 1)
-            found = cuda_graph.blockers(self.trainer, self, chunk, not self.automatic_optimization)
-            if found:
-                raise UserError(f"model.cuda_graph: {'; '.join(found)} (or set it false)")
+            cuda_graph.refuse(self.trainer, self, chunk, not self.automatic_optimization)
         if self.hparams.standardize and datamodule is not None:
             mean, std = datamodule.feature_stats()
             self.input_norm.mean.copy_(mean)
@@ -365,7 +363,9 @@ class Task(LightningModule, abc.ABC):
             self.zero_grad(set_to_none=False)
 
     def on_train_end(self) -> None:
-        self.step_graph = None  # frees the graph's memory pool
+        if self.step_graph is not None:  # its memory pool, and the gradients it kept
+            self.step_graph = None
+            self.zero_grad(set_to_none=True)
 
     def step_schedulers(self, interval: str) -> None:
         """Fast path: step the scheduler as Lightning would with this interval and frequency."""
