@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from torch import nn
 
 from mlplab.data import DigitsDataModule
@@ -24,10 +25,8 @@ def halve(optimizer):
 def train(chunk: int, epochs: int = 2, callbacks=(), task_options=None, **trainer_options):
     seed_everything(3)
     dm = DigitsDataModule(n_train=300, batch_size=16, chunk=chunk)
-    task = Classifier(
-        partial(MLP, hidden_sizes=[32]), num_features=64, num_classes=10,
-        optimizer=torch.optim.SGD, lr=0.01, **(task_options or {}),
-    )  # fmt: skip
+    options = {"optimizer": torch.optim.SGD, "lr": 0.01, **(task_options or {})}
+    task = Classifier(partial(MLP, hidden_sizes=[32]), num_features=64, num_classes=10, **options)
     trainer = Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
@@ -122,9 +121,10 @@ class BatchCounter(Callback):
         (None, {"val_check_interval": 5}),
         (None, {"limit_train_batches": 3}),
         (None, {"profiler": "simple"}),
+        (StochasticWeightAveraging(swa_lrs=0.01), {}),
     ],
     ids=["per-batch callback", "int val_check_interval",
-         "limit_train_batches", "profiler"],  # fmt: skip
+         "limit_train_batches", "profiler", "swa"],  # fmt: skip
 )
 def test_what_needs_single_batches_turns_chunks_off_and_says_so(blocker, options, caplog):
     callbacks = [blocker] if blocker is not None else []

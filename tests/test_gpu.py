@@ -22,7 +22,7 @@ from mlplab import cuda_graph
 from mlplab.data import DigitsDataModule, MNISTDataModule
 from mlplab.errors import UserError
 from mlplab.models import MLP, Classifier
-from test_cuda_graph import FreezeFirstLayer
+from test_cuda_graph import FROZEN, FreezeFirstLayer
 from test_fast_path import FEATURES, assert_same_training, train
 
 pytestmark = [
@@ -159,7 +159,7 @@ def graphs(monkeypatch) -> list:
 GRAPH_CASES = {
     **{name: (options, task, ()) for name, (options, task) in FEATURES.items()},
     "class weights": ({}, {"class_weight": "balanced"}, ()),
-    "layer frozen after epoch 0": ({"epochs": 3}, {}, (FreezeFirstLayer,)),
+    "layer frozen after epoch 0": ({"epochs": 3}, FROZEN, (FreezeFirstLayer,)),
 }
 
 

@@ -8,12 +8,19 @@
 # $REPRODUCE_ARGS: more `mlplab reproduce` arguments (`--only mnist mnist_1v7` where only MNIST
 # was carried). Every step runs even when an earlier one fails; the exit status is 1 if any did.
 set -euo pipefail
+trap 'exit 130' INT TERM  # Ctrl-C stops every step, not just the one running
 cd "$(dirname "$0")/../.."
 python=${1:?usage: scripts/gpu/check.sh PYTHON [--carry DIR] [tests|bench|reproduce ...]}
 shift
 carry=
 if [ "${1:-}" = --carry ]; then carry=$(cd "${2:?--carry needs a folder}" && pwd); shift 2; fi
 steps=${*:-tests bench reproduce}
+for step in $steps; do
+    case $step in tests | bench | reproduce) ;; *)
+        echo "scripts/gpu/check.sh: error: unknown step $step (tests, bench, reproduce)" >&2
+        exit 2 ;;
+    esac
+done
 figures=${FIGURES:-gpu-figures}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$carry" ]; then
@@ -37,8 +44,6 @@ for step in $steps; do
             # shellcheck disable=SC2086  # the extra arguments split as words
             "$python" -m mlplab reproduce --output "$figures/RESULTS.md" ${REPRODUCE_ARGS:-} \
                 --trainer.accelerator gpu --data.on_device true || status=1 ;;
-        *) echo "scripts/gpu/check.sh: error: unknown step $step (tests, bench, reproduce)" >&2
-            exit 2 ;;
     esac
 done
 echo "scripts/gpu/check.sh: $steps: $([ $status = 0 ] && echo passed || echo FAILED); figures in $figures/"

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mlplab import cuda_graph, fast_path, interrupts
+from mlplab import cuda_graph, interrupts
 from mlplab.checkpoints import Checkpoint, latest_checkpoint
 from mlplab.console import ReleaseStartupLines, hold_startup_lines
 from mlplab.errors import UserError, parse_cause, say_mistake
@@ -286,7 +286,7 @@ class MLPLabCLI(LightningCLI):
         wanted = trainer.get("logger")
         if self.subcommand == "predict":
             kwargs["logger"] = False
-            kwargs["callbacks"] = [PredictionWriter()]
+            kwargs["callbacks"] = [ReleaseStartupLines(), PredictionWriter()]
         elif wanted is None or wanted is True:
             open_store(config.tracking_uri)  # every rank: none may build the tables in place
             run_id = self.resumed_run(checkpoint) if self.subcommand == "fit" else None
@@ -379,9 +379,7 @@ class MLPLabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         if getattr(self.model, "hparams", {}).get("cuda_graph"):  # refused before a run exists
-            chunk = getattr(self.datamodule, "chunk", 1)
-            chunked = chunk > 1 and not fast_path.blockers(self.trainer, self.model)
-            cuda_graph.refuse(self.trainer, self.model, chunk, chunked)
+            cuda_graph.refuse(self.trainer, self.model, getattr(self.datamodule, "chunk", 1))
         if isinstance(self.trainer.logger, MLflowRunLogger):
             self.trainer.logger.keep_open = True  # until the test and the model (`after_fit`)
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+
+from mlplab.errors import UserError
 
 # Lightning's lines that mlplab says in its own words (`RunStatus`, `mlplab.interrupts`)
 SAID_BY_MLPLAB = ("Detected KeyboardInterrupt", "Received SIGTERM", "Bypassing SIGTERM")
@@ -30,9 +33,11 @@ class StartupLines(logging.Filter):
 
 class ReleaseStartupLines(Callback):
     """A stage starts (its data, model and optimiser all set up): the held lines are printed,
-    and later ones are not held."""
+    and later ones are not held. Also when a tuner is about to search (its own lines follow
+    them), when a stage fails for any reason but a mistake or an interrupt (they help to
+    diagnose it), and when a stage that never started ends."""
 
-    def release(self, *args) -> None:
+    def release(self, *args, **kwargs) -> None:
         for handler in logging.getLogger("lightning").handlers:
             for held in [f for f in handler.filters if isinstance(f, StartupLines)]:
                 held.holding = False
@@ -40,7 +45,15 @@ class ReleaseStartupLines(Callback):
                     handler.handle(record)
                 held.held.clear()
 
-    on_fit_start = on_validation_start = on_test_start = on_predict_start = release
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = teardown = release
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if any(isinstance(cb, BatchSizeFinder | LearningRateFinder) for cb in trainer.callbacks):
+            self.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, UserError | KeyboardInterrupt):  # mistakes, Ctrl-C, SIGTERM
+            self.release()
 
 
 def hold_startup_lines() -> None:

@@ -10,7 +10,7 @@ steps are still optimiser steps and any optimiser works. The gradients are kept 
 the eager optimiser reads.
 
 A graph replays fixed memory: when anything it reads is replaced between epochs (a callback
-unfreezing layers, swapping batch-norm buffers or freeing the gradients), the task captures
+freezing or unfreezing layers, replacing buffers or freeing the gradients), the task captures
 again. What a graph cannot replay is refused in one line (`blockers`): a device other than
 CUDA, several devices, a precision other than 32-bit (loss scaling and autocast caches act
 between kernels), single batches (no chunks to replay over), and backward hooks.
@@ -34,8 +34,10 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.T
 BACKWARD_HOOKS = ("on_before_backward", "backward", "on_after_backward")
 
 
-def blockers(trainer: Trainer, module: LightningModule, chunk: int, chunked: bool) -> list[str]:
+def blockers(trainer: Trainer, module: LightningModule, chunk: int) -> list[str]:
     """Why this run's per-batch step cannot be a graph replay (empty: it can)."""
+    from mlplab.fast_path import blockers as chunks_off  # it imports the task, which imports this
+
     found = []
     device = trainer.strategy.root_device
     if device.type != "cuda":
@@ -44,25 +46,27 @@ def blockers(trainer: Trainer, module: LightningModule, chunk: int, chunked: boo
         found.append(f"it runs on one device, not under {type(trainer.strategy).__name__}")
     if type(trainer.precision_plugin) is not Precision:
         found.append(f"it captures 32-bit steps, not trainer.precision {trainer.precision}")
+    off = chunks_off(trainer, module) if chunk > 1 else []
     if chunk <= 1:
         found.append("it replays over the fast path's chunks: set data.chunk above 1")
-    elif not chunked:
-        found.append(f"it replays over the fast path's chunks, and data.chunk {chunk} is off")
+    elif off:
+        turn = "turns" if len(off) == 1 else "turn"
+        found.append(f"it replays over the fast path's chunks, which {', '.join(off)} {turn} off")
     if any(is_overridden(hook, module, LightningModule) for hook in BACKWARD_HOOKS):
         found.append(f"{type(module).__name__} overrides a backward hook")
     return found
 
 
-def refuse(trainer: Trainer, module: LightningModule, chunk: int, chunked: bool) -> None:
+def refuse(trainer: Trainer, module: LightningModule, chunk: int) -> None:
     """The one-line refusal, where `blockers` finds a reason."""
-    found = blockers(trainer, module, chunk, chunked)
+    found = blockers(trainer, module, chunk)
     if found:
         raise UserError(f"model.cuda_graph: {'; '.join(found)} (or set it false)")
 
 
 def memory_in_use(module: nn.Module) -> tuple:
     """What a captured step reads and writes, by address: parameters, their gradients, buffers,
-    and which parameters train and which modules are in training mode."""
+    and which parameters train and which modules are in training mode (`StepGraph`'s `key`)."""
     params = [(p.data_ptr(), p.requires_grad, p.grad is not None and p.grad.data_ptr())
               for p in module.parameters()]  # fmt: skip
     buffers = [b.data_ptr() for b in module.buffers()]
@@ -78,15 +82,17 @@ class StepGraph:
     The warm-up also allocates the gradients: the captured backward pass then adds into them
     (it would otherwise write a gradient of its own that each replay overwrites)."""
 
-    def __init__(self, step: Step, module: nn.Module, warmup: int = 3) -> None:
+    def __init__(self, step: Step, key: Callable[[], tuple], warmup: int = 3) -> None:
+        """`key()`: what the captured step depends on (`memory_in_use`, settings baked in);
+        when it changes, the graph is stale."""
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 (it makes the gradients), got {warmup}")
-        self.step, self.module, self.warmup = step, module, warmup
+        self.step, self.key, self.warmup = step, key, warmup
         self.shape: torch.Size | None = None  # the full batch, set by the first batch
         self.calls = 0  # full batches seen
         self.side: torch.cuda.Stream | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.captured_on: tuple = ()  # `memory_in_use` when captured
+        self.captured_on: tuple = ()  # `key()` when captured
         self.inputs: tuple[torch.Tensor | None, ...] = ()
         self.outputs: tuple[torch.Tensor, ...] = ()
 
@@ -100,7 +106,7 @@ class StepGraph:
             return self.on_side_stream(x, y, weight)
         if self.graph is None:
             self.inputs = tuple(t if t is None else t.clone() for t in (x, y, weight))
-            self.captured_on = memory_in_use(self.module)
+            self.captured_on = self.key()
             self.capture()
         else:
             for static, t in zip(self.inputs, (x, y, weight), strict=True):
@@ -111,7 +117,7 @@ class StepGraph:
 
     def stale(self) -> bool:
         """Whether what the graph reads has been replaced since it was captured."""
-        return self.graph is not None and memory_in_use(self.module) != self.captured_on
+        return self.graph is not None and self.key() != self.captured_on
 
     def on_side_stream(self, x, y, weight) -> tuple[torch.Tensor, ...]:
         self.side = self.side or torch.cuda.Stream()

@@ -15,7 +15,13 @@ Lightning path) and says so in one line: the results stay exact, only the speed 
 from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ProgressBar, Timer
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    LearningRateFinder,
+    ProgressBar,
+    StochasticWeightAveraging,
+    Timer,
+)
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -40,6 +46,8 @@ def _per_batch(obj, parent) -> bool:
 def _callback_needs_batches(callback: Callback) -> bool:
     if isinstance(callback, BatchSizeFinder | LearningRateFinder):
         return True  # their trial fits record every batch
+    if isinstance(callback, StochasticWeightAveraging):
+        return True  # its batch-norm epoch skips the backward pass of Lightning's own loop
     if isinstance(callback, ProgressBar | Timer):
         return False  # a display, and a time limit checked per chunk (~30 ms apart)
     if isinstance(callback, Checkpoint | LatestCheckpoint):

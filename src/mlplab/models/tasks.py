@@ -256,8 +256,7 @@ class Task(LightningModule, abc.ABC):
         # the datamodule decided in its own `setup` (it runs first) whether batches come chunked
         self.automatic_optimization = not getattr(datamodule, "chunked", False)
         if self.hparams.get("cuda_graph"):
-            chunk = getattr(datamodule, "chunk", 1)
-            cuda_graph.refuse(self.trainer, self, chunk, not self.automatic_optimization)
+            cuda_graph.refuse(self.trainer, self, getattr(datamodule, "chunk", 1))
         if self.hparams.standardize and datamodule is not None:
             mean, std = datamodule.feature_stats()
             self.input_norm.mean.copy_(mean)
@@ -282,8 +281,6 @@ class Task(LightningModule, abc.ABC):
 
     def on_train_epoch_start(self) -> None:
         self.batches_seen = 0
-        if self.step_graph is not None and self.step_graph.stale():  # see `mlplab.cuda_graph`
-            self.step_graph = cuda_graph.StepGraph(self.micro_step, self)
 
     def chunk_step(self, batch, batch_idx: int) -> None:
         """The fast path: `batch` is (xs, ys), tuples of consecutive batches; each is one
@@ -300,6 +297,8 @@ class Task(LightningModule, abc.ABC):
         step_scheduler = self.hparams.lr_scheduler_interval == "step" and self.lr_schedulers()
         steps_left = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1
         last = len(xs) - 1 if batch_idx + 1 >= trainer.num_training_batches else -1
+        if batch_idx == 0 and self.step_graph is not None:
+            self.check_step_graph()
         losses, outputs, used = [], [], 0
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             if steps_left == 0:
@@ -353,7 +352,22 @@ class Task(LightningModule, abc.ABC):
         )
         self.backward_fn = torch.Tensor.backward if plain else self.manual_backward
         if self.hparams.get("cuda_graph"):  # a fresh capture for every fit
-            self.step_graph = cuda_graph.StepGraph(self.micro_step, self)
+            self.step_graph = self.new_step_graph()
+
+    def new_step_graph(self) -> cuda_graph.StepGraph:
+        def key() -> tuple:  # the memory the graph uses, and the one setting it bakes in
+            return (*cuda_graph.memory_in_use(self), self.trainer.accumulate_grad_batches)
+
+        return cuda_graph.StepGraph(self.micro_step, key)
+
+    def check_step_graph(self) -> None:
+        """At an epoch's start: capture again if what the graph reads has changed (a callback
+        froze or unfroze layers, replaced buffers or freed the gradients)."""
+        for p in self.parameters():
+            if not p.requires_grad:
+                p.grad = None  # frozen: no gradient, so no optimiser (Adam, momentum) moves it
+        if self.step_graph.stale():
+            self.step_graph = self.new_step_graph()
 
     def on_validation_model_zero_grad(self) -> None:
         """Lightning frees the gradients before validating; a captured graph adds into them."""
