@@ -31,13 +31,15 @@ from bench import PlainLoop, lightning_idiom, mlplab_fit, parser_for, quiet_libr
 TARGETS = {"mlplab": "<= 1.1x", "cuda graph": "<= 0.33x"}
 
 
+def accelerator(device: str) -> str:
+    """Lightning's name for the device."""
+    return "gpu" if device == "cuda" else "cpu"
+
+
 def contenders(device: str) -> dict[str, list[str]]:
     """Each mlplab contender's extra `mlplab fit` arguments."""
-    accelerator = "gpu" if device == "cuda" else "cpu"
-    runs = {
-        "mlplab": ["--trainer.accelerator", accelerator],
-        "on device": ["--trainer.accelerator", accelerator, "--data.on_device", "true"],
-    }
+    on = ["--trainer.accelerator", accelerator(device)]
+    runs = {"mlplab": on, "on device": [*on, "--data.on_device", "true"]}
     if device == "cuda":
         runs["cuda graph"] = [*runs["on device"], "--model.cuda_graph", "true"]
     return runs
@@ -99,8 +101,8 @@ def main() -> None:
         rows[name], accuracy[name] = summary(run["pairs"]), run["val/acc"]
         say()
     if not args.skip_idiom:
-        accelerator = "gpu" if args.device == "cuda" else "cpu"
-        rows["idiom"] = summary(lightning_idiom(args.epochs, args.data_dir, plain, accelerator))
+        pairs = lightning_idiom(args.epochs, args.data_dir, plain, accelerator(args.device))
+        rows["idiom"] = summary(pairs)
     print(say())
 
 

@@ -46,10 +46,9 @@ def blockers(trainer: Trainer, module: LightningModule, chunk: int) -> list[str]
         found.append(f"it runs on one device, not under {type(trainer.strategy).__name__}")
     if type(trainer.precision_plugin) is not Precision:
         found.append(f"it captures 32-bit steps, not trainer.precision {trainer.precision}")
-    off = chunks_off(trainer, module) if chunk > 1 else []
     if chunk <= 1:
         found.append("it replays over the fast path's chunks: set data.chunk above 1")
-    elif off:
+    elif off := chunks_off(trainer, module):
         turn = "turns" if len(off) == 1 else "turn"
         found.append(f"it replays over the fast path's chunks, which {', '.join(off)} {turn} off")
     if any(is_overridden(hook, module, LightningModule) for hook in BACKWARD_HOOKS):

@@ -308,8 +308,8 @@ class Task(LightningModule, abc.ABC):
                 self.note_initial_loss(loss)
             self.batches_seen += 1
             used += 1
-            losses.append(loss.detach())
-            outputs.append(logits.detach())
+            losses.append(loss)  # detached by the step
+            outputs.append(logits)
             if self.batches_seen % accumulate and i != last:
                 continue  # as in Lightning, the epoch's last batch steps whatever is left
             if clip:
