@@ -164,7 +164,7 @@ CASES = {
     "predict output under a file": ("predict --model {best} --input {csv} --output {afile}/p.csv", "cannot create the folder of"),
     # export
     "export missing checkpoint": ("export --model {dir}/x.ckpt --output m.onnx", "x.ckpt does not exist"),
-    "export text checkpoint": ("export --model {text} --output m.onnx", "text.ckpt is not an mlplab checkpoint"),
+    "export text checkpoint": ("export --model {text} --output m.onnx", "text.ckpt is not a readable checkpoint (not a PyTorch file)"),
     "export under a file": ("export --model {best} --output {afile}/m.onnx", "cannot create the folder of"),
     # sweep
     "sweep missing file": ("sweep {dir}/nope.yaml", "nope.yaml does not exist (or is not a file)"),

@@ -176,7 +176,7 @@ def test_system_metrics_can_be_switched_off(switch, env, tmp_path, monkeypatch):
 def test_logged_model_carries_its_checkpoints_metrics_and_the_test_metrics(xor_run):
     run, tmp = xor_run
     (best,) = (tmp / "mlruns" / "xor" / run.info.run_id / "checkpoints").glob("best-*.ckpt")
-    step = __import__("torch").load(best, weights_only=False)["global_step"]
+    step = __import__("torch").load(best, weights_only=True)["global_step"]
     (model,) = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id], filter_string="name = 'model'",
         output_format="list")  # fmt: skip

@@ -98,7 +98,7 @@ def test_global_batch_keeps_the_batch_when_devices_change(tmp_path):
     client, run = one_run(uri, "moons")
     # 400 points, 200 per rank, batches of 32: 7 optimiser steps per epoch on every rank
     checkpoint = tmp_path / "mlruns" / "moons" / run.info.run_id / "checkpoints" / "last.ckpt"
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2 * 7
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2 * 7
 
 
 def test_torchrun_script_launches_ranks_that_log_one_run(tmp_path):
@@ -187,7 +187,7 @@ def test_slurm_requeue_resumes_the_same_mlflow_run(tmp_path):
     client, run = one_run(uri, "moons")
     before = epochs_logged(client, run.info.run_id)
     last = run_dirs / run.info.run_id / "checkpoints" / "last.ckpt"
-    resumed_epoch = torch.load(last, weights_only=False)["epoch"] + 1  # saved at its end
+    resumed_epoch = torch.load(last, weights_only=True)["epoch"] + 1  # saved at its end
 
     requeued = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert requeued.returncode == 0, requeued.stderr[-3000:]

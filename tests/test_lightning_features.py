@@ -35,7 +35,7 @@ def steps(client: MlflowClient, run, key: str) -> list[int]:
 def last_checkpoint(store: str, run) -> dict:
     folder = store.removeprefix("sqlite:///").rsplit("/", 1)[0]
     path = f"{folder}/digits/{run.info.run_id}/checkpoints/last.ckpt"
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_metrics_are_logged_per_epoch_at_the_optimiser_step(store):

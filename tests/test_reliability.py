@@ -85,7 +85,7 @@ def test_interrupted_fit_resumes_into_the_same_run(how, tmp_path, uninterrupted)
         assert "Traceback" not in output
     before = history(client, run_id)
     last = tmp_path / "mlruns" / "moons" / run_id / "checkpoints" / "last.ckpt"
-    resumed_epoch = torch.load(last, weights_only=False)["epoch"] + 1  # saved at its end
+    resumed_epoch = torch.load(last, weights_only=True)["epoch"] + 1  # saved at its end
 
     # `last` finds the run's checkpoint; a path to it does the same
     ckpt_path = str(last) if how == "SIGTERM" else "last"
@@ -122,7 +122,7 @@ def test_last_is_the_latest_epoch_and_resuming_from_it_logs_each_epoch_once(tmp_
     client, (run,) = experiment_runs(store_uri(tmp_path), "digits")
     folder = tmp_path / "mlruns" / "digits" / run.info.run_id / "checkpoints"
     (best,) = folder.glob("best-*.ckpt")
-    best, last = (torch.load(f, weights_only=False) for f in (best, folder / "last.ckpt"))
+    best, last = (torch.load(f, weights_only=True) for f in (best, folder / "last.ckpt"))
     assert best["epoch"] < 29 and last["epoch"] == 29
     assert not list(folder.glob("*.part"))
     # both are logged models, each carrying the metrics of its own epoch
@@ -152,7 +152,7 @@ def test_an_epoch_checkpointed_but_not_yet_in_mlflow_is_written_on_resuming(tmp_
     run_in_store(tmp_path, *MOONS[:3], "--trainer.max_epochs", "3", "--test_after_fit", "false")
     client, (run,) = experiment_runs(uri, "moons")
     last = tmp_path / "mlruns" / "moons" / run.info.run_id / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=False)
+    checkpoint = torch.load(last, weights_only=True)
     unwritten = checkpoint["mlplab_unwritten"]
     assert {"train/loss", "val/loss", "epoch"} <= set(unwritten["metrics"])
     # as if the job had died before its last write: a fresh run holding epochs 0-1 only
@@ -214,7 +214,7 @@ def xor_checkpoint(tmp_path_factory):
         (["--ckpt_path", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
         (["--ckpt_path", "last"], "no run of this experiment has a last.ckpt"),
         (["--ckpt_path", "garbage.ckpt"], "garbage.ckpt is not a readable checkpoint"),
-        (["--ckpt_path", "XOR"], "belongs to another model (net.1.bias: checkpoint (4,)"),
+        (["--ckpt_path", "XOR"], "belongs to another model (net.1.weight: checkpoint (4, 2)"),
     ],
 )
 def test_bad_input_is_one_line_and_touches_no_store(args, message, tmp_path, xor_checkpoint):
@@ -362,4 +362,4 @@ def test_predict_never_crashes_on_malformed_input(tmp_path, xor_checkpoint, caps
         assert list(predictions.columns) == ["predicted", "prob_0", "prob_1"], name
         assert np.isfinite(predictions[["prob_0", "prob_1"]].to_numpy()).all(), name
         assert 0 < len(predictions) <= content.count(b"\n") + 1, name
-    assert torch.load(xor_checkpoint, weights_only=False)["state_dict"]  # left as it was
+    assert torch.load(xor_checkpoint, weights_only=True)["state_dict"]  # left as it was

@@ -23,17 +23,12 @@ from mlplab.errors import UserError, parse_cause, say_mistake
 from mlplab.logged_models import log_model
 from mlplab.models.tasks import Regressor
 from mlplab.predict import PredictionWriter
-from mlplab.resume import (
-    check_fits,
-    read_checkpoint,
-    resolve_resume,
-    run_id_in_checkpoint,
-    slurm_root_dir,
-)
+from mlplab.resume import check_fits, resolve_resume, run_id_in_checkpoint, slurm_root_dir
 from mlplab.slurm import SLURMRequeue
 from mlplab.store import experiment_dir, open_store, run_exists
 from mlplab.system_metrics import SystemMetrics
 from mlplab.tracking import MLflowRunLogger, MLflowSaveConfig, RunStatus
+from mlplab.trust import read_checkpoint, trust_checkpoints
 
 DESCRIPTION = (
     "Train, evaluate and track networks with Lightning and MLflow. Also: mlplab sweep | baseline "
@@ -76,7 +71,22 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     config = read_checkpoint(path).get("mlplab_config")
     if config is None:
         raise UserError(f"{path} carries no config (not written by `mlplab fit`); add --config")
-    return [args[0], "--config", config, *args[1:]]
+    # after its config: a file cannot ask for its own trust
+    return [args[0], "--config", config, "--weights_only", "true", *args[1:]]
+
+
+def with_weights_only(args: list[str]) -> list[str]:
+    """Lightning reads `--ckpt_path` with `weights_only=True` (a checkpoint is data) unless the
+    user's flags or config say `weights_only: false`; Lightning's own default, None, leaves it
+    to an environment variable of PyTorch's. The user's word is recorded before any read."""
+    flags = [arg.split("=", 1)[0] for arg in args]
+    if flags[:1] not in (["fit"], ["validate"], ["test"], ["predict"]):
+        return args
+    if "--weights_only" in flags:
+        at = flags.index("--weights_only")
+        value = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
+        trust_checkpoints(value.lower() == "false")
+    return [args[0], "--weights_only", "true", *args[1:]]
 
 
 def check_config_files(args: list[str]) -> list[str]:
@@ -147,7 +157,9 @@ class MLPLabCLI(LightningCLI):
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
             trainer_defaults={"default_root_dir": "mlruns", "callbacks": list(callbacks)},
             args=with_experiment_name(
-                with_checkpoint_config(check_config_files(sys.argv[1:] if args is None else args))
+                with_checkpoint_config(
+                    with_weights_only(check_config_files(sys.argv[1:] if args is None else args))
+                )
             ),
             run=run,
         )
@@ -217,15 +229,24 @@ class MLPLabCLI(LightningCLI):
             )
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning takes the model's settings from `--ckpt_path`'s hyperparameters. A file that
-        is no checkpoint is one line; one not written through the CLI (no `_class_path`) has no
-        settings to take, and Lightning's `weights_only` read of it would fail: the config rules."""
+        """Lightning takes the model's settings from `--ckpt_path`'s hyperparameters; here they
+        come from mlplab's read (`mlplab.trust`), as Lightning takes them: a file that is no
+        checkpoint, or holds or names what it may not, is one line, and a file the user trusts
+        is read in full (Lightning's own read is weights-only whatever the user says). One not
+        written through the CLI (no `_class_path`) has no settings to take: the config rules."""
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():
-            if "_class_path" not in read_checkpoint(path).get("hyper_parameters", {}):
-                return
-        super()._parse_ckpt_path()
+        if not subcommand:
+            return
+        trust_checkpoints(self.config[subcommand].get("weights_only") is False)
+        path = self.config[subcommand].get("ckpt_path")
+        if not (path and Path(path).is_file()):
+            return
+        hparams = dict(read_checkpoint(path).get("hyper_parameters", {}))
+        if "_class_path" not in hparams:
+            return
+        hparams.pop("_instantiator", None)
+        model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def instantiate_classes(self) -> None:
         """A class that cannot be built from its settings (a missing optional package, a value
@@ -405,11 +426,12 @@ class MLPLabCLI(LightningCLI):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         metrics = dict(trainer.callback_metrics)  # the last epoch's, before testing replaces them
         if self.config.fit.test_after_fit and self.can_test():
-            trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+            trainer.test(
+                model, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=True
+            )
             metrics.update(trainer.callback_metrics)
         elif best:
-            state = torch.load(best, map_location=model.device, weights_only=False)
-            model.load_state_dict(state["state_dict"])
+            model.load_state_dict(read_checkpoint(best)["state_dict"])
         if not trainer.is_global_zero:
             return
         print(

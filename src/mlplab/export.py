@@ -17,6 +17,7 @@ import torch
 
 from mlplab.errors import CommandParser, UserError
 from mlplab.store import output_folder
+from mlplab.trust import add_weights_only_argument, trust_from_arguments
 
 
 def export_onnx(checkpoint: str, output: Path, tolerance: float = 1e-5) -> float:
@@ -55,7 +56,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="a Lightning checkpoint (.ckpt)")
     parser.add_argument("--output", required=True, type=Path, help="the .onnx file to write")
     parser.add_argument("--tolerance", type=float, default=1e-5)
+    add_weights_only_argument(parser)
     args = parser.parse_args(argv)
+    trust_from_arguments(args)
     try:
         difference = export_onnx(args.model, output_folder(args.output), args.tolerance)
     except UserError as err:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from mlplab.data.base import described_outputs
-from mlplab.resume import read_checkpoint
 from mlplab.store import resolve_tracking_uri
+from mlplab.trust import read_checkpoint
 
 
 def input_example(datamodule, rows: int = 5) -> torch.Tensor:

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from mlplab.data.base import described_outputs
 from mlplab.errors import CommandParser, UserError
 from mlplab.store import output_folder
+from mlplab.trust import add_weights_only_argument, trust_from_arguments
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -148,11 +149,13 @@ class Predictor:
 
         try:
             task = Task.from_checkpoint(ref)
+        except UserError:
+            raise
         except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
             raise UserError(
                 f"{ref} is not an mlplab checkpoint ({type(err).__name__}: {err})"
             ) from None
-        from mlplab.resume import read_checkpoint
+        from mlplab.trust import read_checkpoint
 
         # written before mlplab named outputs: at least a classifier's classes are numbered
         self.names = read_checkpoint(ref).get("mlplab_outputs") or described_outputs(None, task)
@@ -239,7 +242,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--output", type=Path, help="CSV, Parquet or NPY to write (default: CSV on stdout)"
     )
+    add_weights_only_argument(parser)
     args = parser.parse_args(argv)
+    trust_from_arguments(args)
     try:
         predict_file(args.model, args.input, args.output)
     except UserError as err:

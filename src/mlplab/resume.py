@@ -6,7 +6,6 @@ before Lightning opens the run, that is before the checkpoint is restored, so it
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -15,30 +14,7 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mlplab.errors import UserError
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents (tensors memory-mapped, not read), or a one-line error. Read
-    once per process however many checks ask (the dict is shared: do not modify it)."""
-    try:
-        modified = Path(path).stat().st_mtime_ns
-    except OSError:
-        modified = None
-    return _read_checkpoint(str(path), modified)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_checkpoint(path: str, modified: int | None) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist; give a .ckpt file or `last`") from None
-    except Exception as err:
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
-    return checkpoint
+from mlplab.trust import read_checkpoint
 
 
 def run_id_in_checkpoint(path: str | Path) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import importlib
 import math
 import re
 import warnings
@@ -27,7 +26,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from mlplab import cuda_graph
+from mlplab import cuda_graph, trust
 from mlplab.data.base import described_outputs
 from mlplab.errors import TrainingDiverged, UserError
 
@@ -402,6 +401,10 @@ class Task(LightningModule, abc.ABC):
 
     # --- checkpoints and serving ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if "hyper_parameters" in checkpoint:  # a checkpoint is data (`mlplab.trust`)
+            checkpoint["hyper_parameters"] = trust.plain_hyperparameters(
+                checkpoint["hyper_parameters"], type(self)
+            )
         checkpoint["mlplab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["mlplab_initial_loss"] = self.initial_loss  # a resumed fit keeps its scale
         try:
@@ -416,16 +419,24 @@ class Task(LightningModule, abc.ABC):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.initial_loss = checkpoint.get("mlplab_initial_loss")
 
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path, *args, weights_only: bool | None = None, **kwargs
+    ):
+        """Lightning's, with the checkpoint read as data and its classes checked first
+        (`mlplab.trust`); `weights_only=False` is the opt-in for a file you trust."""
+        trusted = weights_only is False or trust.checkpoints_trusted()
+        trust.read_checkpoint(checkpoint_path, trust=trusted)
+        return super().load_from_checkpoint(
+            checkpoint_path, *args, weights_only=not trusted, **kwargs
+        )
+
     @staticmethod
     def from_checkpoint(path: str, map_location: str = "cpu") -> Task:
         """The task a checkpoint holds, whichever class it is, in eval mode (for inference).
         `Classifier.load_from_checkpoint(path)` does the same when the class is known."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        module_name, _, class_name = checkpoint["mlplab_task"].rpartition(".")
-        task_class = getattr(importlib.import_module(module_name), class_name)
-        # a task built in Python pickles its `net` factory in the hyperparameters: a full load
-        task = task_class.load_from_checkpoint(path, map_location=map_location, weights_only=False)
-        return task.eval()
+        task_class = trust.resolve_class(trust.read_checkpoint(path)["mlplab_task"])
+        return task_class.load_from_checkpoint(path, map_location=map_location).eval()
 
     def inference_module(self) -> nn.Sequential:
         """Raw features in, the seed's outputs (probabilities or values) out: what MLflow serves."""

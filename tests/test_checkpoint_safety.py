@@ -1,0 +1,208 @@
+"""A checkpoint is data: through every command that reads one, a file that carries code (a
+pickled `__reduce__` payload) or names a class, module or instantiator outside mlplab's
+allow-list is refused in one line, exit 2, and nothing of it runs; mlplab's own checkpoints
+(also of a task built in Python) hold nothing but data and still resume, test, predict and
+export. Commands run as real processes forked from one that imported everything
+(tests/forkserver.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import config
+from mlplab.data import XORDataModule
+from mlplab.errors import UserError
+from mlplab.models import MLP, Classifier
+from mlplab.models.tasks import Task
+from test_bad_input import ForkServer
+
+XOR = config("xor")
+SLURM = {"SLURM_JOB_ID": "99", "SLURM_JOB_NAME": "mlplab", "SLURM_NTASKS": "1",
+         "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_NODELIST": "node1",
+         "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+# every command that reads a checkpoint; {ckpt} is the bad file, planted where the command
+# looks for it: `last` is the experiment's newest last.ckpt (how sweeps and searches resume a
+# trial), under SLURM the job's requeue checkpoint
+ENTRY_POINTS = {
+    "test": ("test --ckpt_path {ckpt}", {}),
+    "validate": ("validate --ckpt_path {ckpt}", {}),
+    "test with config": (f"test --config {XOR} --ckpt_path {{ckpt}}", {}),
+    "predict with config": (f"predict --config {XOR} --ckpt_path {{ckpt}}", {}),
+    "fit resume": (f"fit --config {XOR} --ckpt_path {{ckpt}}", {}),
+    "fit resume last": (f"fit --config {XOR} --ckpt_path last", {}),
+    "SLURM requeue": (f"fit --config {XOR}", SLURM),
+    "predict --model": ("predict --model {ckpt} --input x.csv", {}),
+    "export": ("export --model {ckpt} --output model.onnx", {}),
+}
+
+
+class Payload:
+    """Unpickling it runs a shell command (what an attacker's checkpoint carries)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# a module in the working directory (where mlplab finds a user's classes) that marks its import
+SIDE_EFFECT = "from pathlib import Path\nPath('{marker}').touch()\nclass Net: pass\nrun = print\n"
+
+
+def bad_checkpoint(kind: str, good: dict, marker: Path) -> dict:
+    checkpoint = {**good, "hyper_parameters": dict(good["hyper_parameters"])}
+    hparams = checkpoint["hyper_parameters"]
+    if kind == "reduce payload":
+        checkpoint["extra"] = Payload(marker)
+    elif kind == "class outside the allow-list":
+        hparams["net"] = {"class_path": "sideeffect.Net", "init_args": {}}
+    elif kind == "instantiator outside the allow-list":
+        hparams["_instantiator"] = "sideeffect.run"
+    elif kind == "private module":
+        hparams["net"] = {"class_path": "mlplab.__main__.main", "init_args": {}}
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def cli():
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def trained(cli, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("trained")
+    done = cli.run(["fit", "--config", XOR, "--trainer.max_epochs", "1"], folder,
+                   {"MLFLOW_TRACKING_URI": ""})  # fmt: skip
+    assert done.code == 0, done.stderr
+    return folder
+
+
+def plant(folder: Path, name: str, checkpoint: dict, env: dict) -> str:
+    """The bad file where the entry point reads it; returns its path for {ckpt}."""
+    if env:  # SLURM: the job's requeue checkpoint, which a fit resumes by itself
+        path = folder / "mlruns" / f"slurm-{env['SLURM_JOB_ID']}" / "hpc_ckpt_1.ckpt"
+    elif name == "fit resume last":  # the experiment's newest last.ckpt
+        path = next((folder / "mlruns" / "xor").glob("*/checkpoints/last.ckpt"))
+    else:
+        path = folder / "bad.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+KINDS = ["reduce payload", "class outside the allow-list", "instantiator outside the allow-list",
+         "private module"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_a_bad_checkpoint_is_refused_in_one_line_and_nothing_runs(cli, trained, tmp_path, entry,
+                                                                  kind):  # fmt: skip
+    folder = tmp_path / "work"
+    shutil.copytree(trained, folder)
+    marker = tmp_path / "ran"
+    (folder / "sideeffect.py").write_text(SIDE_EFFECT.format(marker=marker))
+    (folder / "x.csv").write_text("0,1\n1,0\n")
+    good = torch.load(next(folder.rglob("last.ckpt")), weights_only=True)
+    command, env = ENTRY_POINTS[entry]
+    path = plant(folder, entry, bad_checkpoint(kind, good, marker), env)
+
+    done = cli.run(command.format(ckpt=path).split(), folder, {"MLFLOW_TRACKING_URI": "", **env})
+
+    assert done.code == 2, done.stderr
+    assert not marker.exists(), f"the checkpoint's code ran: {done.stderr}"
+    assert len(done.said) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "if you trust this file, add --weights_only false" in done.said[0]
+    expected = {"reduce payload": "holds a posix.system object, which is code, not data",
+                "class outside the allow-list": "names sideeffect.Net, a class outside",
+                "instantiator outside the allow-list": "names sideeffect.run, an instantiator",
+                "private module": "names mlplab.__main__.main, which is not a public class"}
+    assert expected[kind] in done.said[0]
+    assert not (folder / "model.onnx").exists() and not (folder / "predictions.csv").exists()
+
+
+def test_the_opt_in_is_lightnings_weights_only_switch(cli, trained, tmp_path):
+    """`--weights_only false` trusts the file: the payload refused above then runs, which is
+    what trusting a pickle means."""
+    marker = tmp_path / "ran"
+    good = torch.load(next(trained.rglob("last.ckpt")), weights_only=True)
+    bad = tmp_path / "bad.ckpt"
+    torch.save(bad_checkpoint("reduce payload", good, marker), bad)
+    refused = cli.run(["test", "--ckpt_path", str(bad)], tmp_path, {"MLFLOW_TRACKING_URI": ""})
+    assert refused.code == 2 and not marker.exists()
+
+    done = cli.run(["test", "--ckpt_path", str(bad), "--weights_only", "false"], tmp_path,
+                   {"MLFLOW_TRACKING_URI": ""})  # fmt: skip
+    assert done.code == 0, done.stderr
+    assert marker.exists()
+
+
+def test_a_checkpoint_from_a_config_is_plain_data_and_works_everywhere(cli, trained, tmp_path):
+    """No global beyond PyTorch's weights-only set; test, predict, export and resume read it."""
+    last = next(trained.rglob("last.ckpt"))
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(last)) == []
+    (tmp_path / "x.csv").write_text("0,1\n1,0\n")
+    env = {"MLFLOW_TRACKING_URI": ""}
+    for command in (f"test --ckpt_path {last}", f"predict --model {last} --input x.csv",
+                    f"export --model {last} --output m.onnx"):  # fmt: skip
+        done = cli.run(command.split(), tmp_path, env)
+        assert done.code == 0, (command, done.stderr)
+    assert (tmp_path / "m.onnx").is_file()
+    folder = tmp_path / "resume"
+    shutil.copytree(trained, folder)
+    done = cli.run(["fit", "--config", XOR, "--ckpt_path", "last", "--trainer.max_epochs", "2"],
+                   folder, env)  # fmt: skip
+    assert done.code == 0, done.stderr
+    assert "mlplab: resuming run" in done.stderr
+
+
+def fit_in_python(folder: Path, **options) -> Path:
+    task = Classifier(partial(MLP, hidden_sizes=[4]), num_features=2, num_classes=2, **options)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=folder)  # fmt: skip
+    trainer.fit(task, datamodule=XORDataModule(batch_size=4))
+    path = folder / "python.ckpt"
+    trainer.save_checkpoint(path)
+    return task, path
+
+
+def test_a_task_built_in_python_is_saved_as_data(tmp_path):
+    """Its network, optimizer and scheduler classes are stored as `class_path` settings, so
+    `load_from_checkpoint` rebuilds them from a weights-only read."""
+    scheduler = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    task, path = fit_in_python(tmp_path, optimizer=torch.optim.SGD, lr_scheduler=scheduler)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+    hparams = torch.load(path, weights_only=True)["hyper_parameters"]
+    assert hparams["net"] == {"class_path": "mlplab.models.mlp.MLP",
+                              "init_args": {"hidden_sizes": [4]}}  # fmt: skip
+    assert hparams["optimizer"] == {"class_path": "torch.optim.sgd.SGD"}
+
+    for loaded in (Classifier.load_from_checkpoint(path), Task.from_checkpoint(str(path))):
+        assert all(torch.equal(a, b) for a, b in
+                   zip(task.state_dict().values(), loaded.state_dict().values()))  # fmt: skip
+        optimizer = loaded.configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        assert isinstance(optimizer, torch.optim.SGD)
+
+
+def test_load_from_checkpoint_refuses_code_unless_trusted(tmp_path):
+    _, path = fit_in_python(tmp_path)
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad.ckpt"
+    torch.save(bad_checkpoint("reduce payload", torch.load(path, weights_only=True), marker), bad)
+    for load in (Classifier.load_from_checkpoint, Task.from_checkpoint):
+        with pytest.raises(UserError, match="holds a posix.system object"):
+            load(str(bad))
+    assert not marker.exists()
+    Classifier.load_from_checkpoint(bad, weights_only=False)  # the caller's explicit trust
+    assert marker.exists()
