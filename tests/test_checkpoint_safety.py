@@ -13,11 +13,13 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy
 import pytest
 import torch
 
-from conftest import config
+from conftest import CONFIGS, config, real_data
 from mlplab.data import XORDataModule
+from mlplab.data.examples import write_examples
 from mlplab.errors import UserError
 from mlplab.models import MLP, Classifier
 from mlplab.models.tasks import Task
@@ -188,8 +190,8 @@ def test_a_task_built_in_python_is_saved_as_data(tmp_path):
     assert hparams["optimizer"] == {"class_path": "torch.optim.sgd.SGD"}
 
     for loaded in (Classifier.load_from_checkpoint(path), Task.from_checkpoint(str(path))):
-        assert all(torch.equal(a, b) for a, b in
-                   zip(task.state_dict().values(), loaded.state_dict().values()))  # fmt: skip
+        pairs = zip(task.state_dict().values(), loaded.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
         optimizer = loaded.configure_optimizers()
         optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
         assert isinstance(optimizer, torch.optim.SGD)
@@ -206,3 +208,48 @@ def test_load_from_checkpoint_refuses_code_unless_trusted(tmp_path):
     assert not marker.exists()
     Classifier.load_from_checkpoint(bad, weights_only=False)  # the caller's explicit trust
     assert marker.exists()
+
+
+MODEL_CONFIGS = sorted(
+    path for path in CONFIGS if "model:" in path.read_text() and "mnist_optimizers" not in str(path)
+)
+# one of each kind of model and data in `make test`; every config with `pytest -m slow`
+QUICK = {"xor", "wine", "digits_folder"}
+LIMITS = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+          "--trainer.limit_test_batches", "2", "--trainer.limit_predict_batches", "2"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, id=p.stem, marks=[] if p.stem in QUICK else [pytest.mark.slow])
+     for p in MODEL_CONFIGS],
+)  # fmt: skip
+def test_every_configs_checkpoint_is_data_and_resumes_tests_predicts_exports(cli, tmp_path, path):
+    if "MNIST" in path.read_text() and not real_data("FashionMNIST" if "Fashion" in
+                                                     path.read_text() else "MNIST"):  # fmt: skip
+        pytest.skip("no MNIST data: set MLPLAB_DATA_DIR")
+    write_examples(tmp_path)
+    env = {"MLFLOW_TRACKING_URI": ""}
+    fit = ["fit", "--config", str(path), *LIMITS]
+    done = cli.run([*fit, "--trainer.max_epochs", "1"], tmp_path, env)
+    assert done.code == 0, done.stderr[-3000:]
+    (last,) = (tmp_path / "mlruns").rglob("last.ckpt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(last)) == []
+
+    done = cli.run([*fit, "--trainer.max_epochs", "2", "--ckpt_path", "last"], tmp_path, env)
+    assert done.code == 0 and "mlplab: resuming run" in done.stderr, done.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    width = torch.load(last, weights_only=True)["hyper_parameters"]["num_features"]
+    numpy.save(tmp_path / "x.npy", numpy.zeros((3, width), dtype="float32"))
+    done = cli.run(["test", "--ckpt_path", str(last), *LIMITS], tmp_path, env)
+    if done.code == 2:  # the data has no test split (seed 000's digits): one line says so
+        assert "has no 'test' split" in done.said[-1] and "Traceback" not in done.stderr
+    for command in (["validate", "--ckpt_path", str(last), *LIMITS],
+                    ["predict", "--ckpt_path", str(last), *LIMITS],
+                    ["export", "--model", str(last), "--output", "m.onnx"]):  # fmt: skip
+        done = cli.run(command, tmp_path, env)
+        assert done.code == 0, (command, done.stderr[-3000:])
+    assert (tmp_path / "predictions.csv").is_file() and (tmp_path / "m.onnx").is_file()
+    if "TableDataModule" not in path.read_text():  # a table's model takes named columns
+        done = cli.run(["predict", "--model", str(last), "--input", "x.npy"], tmp_path, env)
+        assert done.code == 0 and len(done.stdout.splitlines()) == 4, done.stderr[-3000:]

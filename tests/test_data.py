@@ -13,6 +13,7 @@ from mlplab.data import (
     XORDataModule,
 )
 from mlplab.data.base import TensorsDataset, _batch_as_is
+from mlplab.errors import UserError
 
 
 def ready(dm):
@@ -88,7 +89,7 @@ def test_standardisation_uses_the_training_split_only():
 
 def test_missing_split_is_a_clear_error():
     dm = ready(DigitsDataModule())
-    with pytest.raises(ValueError, match="no 'test' split"):
+    with pytest.raises(UserError, match="no .test. split.*run another command than .mlplab test."):
         dm.test_dataloader()
 
 

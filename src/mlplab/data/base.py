@@ -143,8 +143,10 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
         """Batches of `split`: shuffled for training; on the fast path, `chunk` batches at once
         (for training as a tuple of batches); under DDP, evaluation sharded without padding."""
         if split not in self.data:
-            raise ValueError(
-                f"{type(self).__name__} has no {split!r} split (it has: {', '.join(self.splits)})"
+            stage = {"val": "validate", "train": "fit"}.get(split, split)
+            raise UserError(
+                f"{type(self).__name__} has no {split!r} split (it has: "
+                f"{', '.join(self.splits)}); run another command than `mlplab {stage}`"
             )
         x = self.data[split][0]
         world = self.trainer.world_size if self.trainer is not None else 1
