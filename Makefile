@@ -2,6 +2,11 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the exact releases `make install` installs, each file's hash checked (`make lock` writes them)
+LOCK   := requirements/dev.lock
+TOOLS  := requirements/tools.lock
+# `make lock` leaves out releases younger than this (uv's --exclude-newer)
+COOLDOWN ?= 3 days
 CONFIG ?= configs/xor.yaml
 # test processes (pytest-xdist, one file each): most tests wait on one-thread subprocesses
 JOBS   ?= 2
@@ -10,19 +15,30 @@ STORE  ?= sqlite:///mlruns/mlflow.db
 CARRY  ?= .gpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all slurm-check gpu-carry gpu-check reproduce bench examples lint ui \
-	server clean
+.PHONY: help install lock lock-upgrade audit train test test-all slurm-check gpu-carry gpu-check \
+	reproduce bench examples lint ui server clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# stops in one line when the lock is not pyproject.toml's or a download is not the locked file
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python scripts/lock.py install
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv/ and install mlplab into it (with the dev tools)
+install: $(STAMP) ## create .venv/ and install mlplab with its dev tools from requirements/dev.lock
+
+lock: ## write requirements/*.lock again from pyproject.toml (uv; releases >= COOLDOWN old)
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python scripts/lock.py lock --cooldown '$(COOLDOWN)'
+
+lock-upgrade: ## the same, every package at its newest release at least COOLDOWN (3 days) old
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python scripts/lock.py lock --upgrade --cooldown '$(COOLDOWN)'
+
+audit: $(STAMP) ## the locked releases against the public advisory database (pip-audit)
+	$(BIN)/python scripts/audit.py --ignore requirements/audit-ignore.txt $(LOCK) $(TOOLS)
 
 train: $(STAMP) ## train CONFIG (default configs/xor.yaml) into the MLflow store under mlruns/
 	$(BIN)/mlplab fit --config $(CONFIG)

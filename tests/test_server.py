@@ -1,5 +1,6 @@
 """`mlplab server` (`make server`): PostgreSQL (or SQLite) runs, proxied artifacts, loopback;
-and a load test against it: 8 fits and a 2-worker sweep at once (`pytest -m slow`)."""
+and a load test against it: 8 fits and a 2-worker sweep at once (`pytest -m slow`). Its
+authentication is tests/test_server_auth.py's."""
 
 from __future__ import annotations
 
@@ -35,15 +36,18 @@ def server_root():
     subprocess.run(["rm", "-rf", str(folder)], check=False)
 
 
-def start_server(root: Path, backend: str) -> tuple[subprocess.Popen, str]:
-    """`mlplab server`, its output in a file (a pipe nobody reads would fill and stall it)."""
+def start_server(
+    root: Path, backend: str, *options: str, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`mlplab server`, its output in a file (a pipe nobody reads would fill and stall it);
+    `env`: its whole environment (default: the tests')."""
     port = free_port()
     log = root / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "mlplab", "server", "--port", str(port), "--root",
-             str(root), "--backend", backend],
-            stdout=out, stderr=subprocess.STDOUT, text=True,
+             str(root), "--backend", backend, *options],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # the URI is printed once the server answers

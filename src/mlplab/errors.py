@@ -67,3 +67,36 @@ def disk_full(err: BaseException) -> str | None:
             return "no space left for the MLflow store (SQLite: database or disk is full)"
         err = err.__cause__ or err.__context__
     return None
+
+
+# what a client is told when a tracking server turns its credentials away
+CREDENTIALS_REFUSED = (
+    "the tracking server refused these credentials (401); set MLFLOW_TRACKING_USERNAME/PASSWORD"
+)
+
+
+def refused(err: BaseException) -> str | None:
+    """Where in `err`'s chain a tracking server refused a request (HTTP 401: no or wrong
+    credentials; 403: an account without the permission, or a Host header the server does not
+    serve), as a line to show; None if none did. MLflow raises these as `MlflowException`s (REST
+    calls) or as `requests.HTTPError`s (artifact uploads)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status is None and callable(getattr(err, "get_http_status_code", None)):
+            status = err.get_http_status_code()
+        if status == 401:
+            return CREDENTIALS_REFUSED
+        if status == 403:
+            said = re.search(r"Response body: '([^'\n]{1,200})", str(err))
+            reason = said.group(1).strip() if said else "permission denied"
+            advice = (
+                "the server's --allowed_hosts must name the host of MLFLOW_TRACKING_URI"
+                if "Host header" in reason
+                else "the account in MLFLOW_TRACKING_USERNAME lacks the permission (an admin "
+                "of the server grants it)"
+            )
+            return f"the tracking server refused this request (403: {reason}); {advice}"
+        err = err.__cause__ or err.__context__
+    return None

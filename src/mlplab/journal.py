@@ -42,7 +42,9 @@ def is_outage(err: BaseException) -> bool:
 
 
 def outage_reason(err: BaseException) -> str:
-    text = str(err)
+    from mlplab.store import redact_uri
+
+    text = redact_uri(str(err))
     for pattern in (r"\[Errno -?\d+\] ([^'\")]+)", r"(timed? ?out)", r"(\d{3}) error responses",
                     r"error code (\d{3})"):  # fmt: skip
         found = re.search(pattern, text, re.IGNORECASE)
@@ -61,10 +63,15 @@ class Journal:
 
     @classmethod
     def open(cls, folder: Path, tracking_uri: str, run_id: str) -> Journal:
+        from mlplab.store import redact_uri
+
         journal = cls(folder)
         if not journal.path.exists():
             journal.folder.mkdir(parents=True, exist_ok=True)
-            journal.write_lines([{"journal": 1, "tracking_uri": tracking_uri, "run_id": run_id}])
+            # no password kept: `mlplab sync` authenticates as MLflow's client does (its
+            # MLFLOW_TRACKING_USERNAME/PASSWORD)
+            header = {"journal": 1, "tracking_uri": redact_uri(tracking_uri), "run_id": run_id}
+            journal.write_lines([header])
         return journal
 
     @contextlib.contextmanager
@@ -272,7 +279,7 @@ class RunWriter:
                     raise
                 if not self.away:
                     print(
-                        f"mlplab: tracking server {self.tracking_uri} is away "
+                        f"mlplab: tracking server {self.shown_uri} is away "
                         f"({outage_reason(err)}); training goes on, the run's records are kept "
                         f"in {self.where()} and sent when it answers",
                         file=sys.stderr,
@@ -281,7 +288,7 @@ class RunWriter:
                 return {}
             if self.away:
                 back = f"is back: {len(sent)} records sent"
-                print(f"mlplab: tracking server {self.tracking_uri} {back}", file=sys.stderr)
+                print(f"mlplab: tracking server {self.shown_uri} {back}", file=sys.stderr)
                 self.away, self.said_kept = False, False
             return sent
 
@@ -304,11 +311,17 @@ class RunWriter:
         self.drain(force=True)
         if self.away and not self.said_kept:
             print(
-                f"mlplab: tracking server {self.tracking_uri} is still away; the run's records "
+                f"mlplab: tracking server {self.shown_uri} is still away; the run's records "
                 f"are kept: send them with `mlplab sync {self.where()}`",
                 file=sys.stderr,
             )
             self.said_kept = True
+
+    @property
+    def shown_uri(self) -> str:
+        from mlplab.store import redact_uri
+
+        return redact_uri(self.tracking_uri)
 
     def where(self) -> str:
         with contextlib.suppress(ValueError):
@@ -340,7 +353,7 @@ def find_journals(path: Path) -> list[Journal]:
 
 def main(argv: list[str]) -> None:
     from mlplab.errors import CommandParser, UserError
-    from mlplab.store import open_store
+    from mlplab.store import open_store, redact_uri, without_redacted
 
     parser = CommandParser(
         prog="mlplab sync",
@@ -359,16 +372,18 @@ def main(argv: list[str]) -> None:
                         f"mlruns/EXPERIMENT/RUN_ID/journal/)")  # fmt: skip
     for journal in journals:
         header = journal.header()
-        uri, run_id = args.tracking_uri or header["tracking_uri"], header["run_id"]
+        uri = args.tracking_uri or without_redacted(header["tracking_uri"])
+        run_id = header["run_id"]
         open_store(uri)
         try:
             sent = len(send_all(journal, uri, run_id))
         except Exception as err:
             if not is_outage(err):
                 raise
-            raise UserError(f"the tracking server {uri} went away while sending run {run_id} "
-                            f"({outage_reason(err)}); run the same command again later") from None
-        done = f"{sent} records sent to {uri}" if sent else "nothing left to send"
+            raise UserError(f"the tracking server {redact_uri(uri)} went away while sending run "
+                            f"{run_id} ({outage_reason(err)}); run the same command again "
+                            "later") from None  # fmt: skip
+        done = f"{sent} records sent to {redact_uri(uri)}" if sent else "nothing left to send"
         print(f"mlplab sync: run {run_id}: {done}")
 
 

@@ -123,18 +123,24 @@ def main(args: list[str] | None = None) -> None:
     interrupts.install()
     try:
         _quiet()
-        from mlplab.errors import UserError, disk_full
+        from mlplab.errors import UserError, disk_full, refused
 
         try:
             _run(argv)
             interrupts.check()  # a SIGTERM a stage ended before acting on
         except UserError as err:  # Lightning has already marked a started run FAILED
-            print(f"mlplab: error: {err}", file=sys.stderr)
+            from mlplab.store import redact_uri
+
+            print(f"mlplab: error: {redact_uri(str(err))}", file=sys.stderr)
             sys.exit(err.exit_code)
         except ModuleNotFoundError as err:  # an optional package a chosen class needs
             print(f"mlplab: error: {str(err).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)
         except Exception as err:
+            said = refused(err)  # a tracking server turned the client away mid-command
+            if said is not None:
+                print(f"mlplab: error: {said}", file=sys.stderr)
+                sys.exit(2)
             full = disk_full(err)
             if full is None:
                 raise
@@ -146,6 +152,7 @@ def main(args: list[str] | None = None) -> None:
         if code is None:
             raise
         interrupts.leave(code)
+
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,25 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+# a URL's `scheme://user:password@`: up to the last `@`, so a password holding `@` or `/` goes too
+CREDENTIALS_IN_URL = re.compile(r"([A-Za-z][\w+.-]*://[^:@/?#\s]*):\S*@")
+
+
+def redact_uri(text: str | None) -> str | None:
+    """A URI (or a message quoting one) as it may be recorded or printed: a password in it
+    (`http://user:password@host`) replaced by `***`. Used wherever a tracking (or Optuna
+    storage) URI lands: params, the logged config, a checkpoint's config, the journal, printed
+    lines."""
+    return CREDENTIALS_IN_URL.sub(r"\1:***@", text) if text else text
+
+
+def without_redacted(uri: str) -> str:
+    """A URI `redact_uri` left as `scheme://user:***@host`, as `scheme://host`: a client sends
+    a URL's user:password before MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD, and `***` is no
+    password."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://)[^:@/?#\s]*:\*\*\*@", r"\1", uri)
+
+
 def local_store_root(uri: str) -> Path | None:
     """The folder that holds a local store's database and run folders; None for a server."""
     parsed = urlparse(uri)
@@ -49,14 +68,17 @@ def open_store(tracking_uri: str | None = None) -> str:
     """The store's URI, once it is known to work: a URI MLflow can use, a local store that is
     writable and a complete SQLite database (made if missing), a server that answers now.
     Every command opens its store here first, so a mistake is one line before any run exists."""
-    from mlplab.errors import UserError
+    from mlplab.errors import UserError, refused
 
     uri = resolve_tracking_uri(tracking_uri)
+    if redact_uri(uri) != uri:  # MLflow's "View run at URL" lines would print the password
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     scheme = urlparse(uri).scheme.split("+", 1)[0]  # postgresql+psycopg2: a driver named
     if scheme not in SCHEMES:
         raise UserError(
-            f"tracking URI {uri!r}: MLflow has no store for {scheme or 'a plain path'}; use "
-            f"sqlite:///path/mlflow.db, or a server's http(s)://host:port {URI_SOURCE}"
+            f"tracking URI {redact_uri(uri)!r}: MLflow has no store for "
+            f"{scheme or 'a plain path'}; use sqlite:///path/mlflow.db, or a server's "
+            f"http(s)://host:port {URI_SOURCE}"
         )
     if scheme == "sqlite":
         database = sqlite_file(uri)
@@ -68,13 +90,16 @@ def open_store(tracking_uri: str | None = None) -> str:
     try:  # no lock: a SQLite store is whole by now, and MLflow makes no tables in it
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001  refused connection, DNS, HTTP, SQL: each one line
-        reason = str(err).strip().splitlines()[0][:200]
+        said = refused(err)  # the server answered: no (or wrong) credentials
+        if said is not None:
+            raise UserError(said) from None
+        reason = redact_uri(str(err).strip().splitlines()[0])[:200]  # MLflow's quote the URL
         if scheme in ("http", "https"):
             raise UserError(
-                f"the MLflow tracking server {uri} does not answer ({reason}); start it, or "
-                "unset MLFLOW_TRACKING_URI to use the local store"
+                f"the MLflow tracking server {redact_uri(uri)} does not answer ({reason}); start "
+                "it, or unset MLFLOW_TRACKING_URI to use the local store"
             ) from None
-        raise UserError(f"cannot open the MLflow store {uri}: {reason}") from None
+        raise UserError(f"cannot open the MLflow store {redact_uri(uri)}: {reason}") from None
     return uri
 
 
@@ -234,11 +259,16 @@ def run_exists(tracking_uri: str | None, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from mlplab.errors import UserError, refused
+
     uri = resolve_tracking_uri(tracking_uri)
     with store_lock(local_store_root(uri)):
         client = MlflowClient(uri)
     try:
         client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as err:
+        said = refused(err)  # a server that turns the client away has not said "no such run"
+        if said is not None:
+            raise UserError(said) from None
         return False
     return True

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from mlplab.errors import CommandParser, UserError
-from mlplab.store import ensure_experiment, local_store_root, open_store, store_lock
+from mlplab.store import ensure_experiment, local_store_root, open_store, redact_uri, store_lock
 
 POINT_TAG = "mlplab.sweep.point"
 KEY_TAG = "mlplab.sweep.key"
@@ -133,15 +134,19 @@ class Sweep:
         )
 
     def run_child(self, parent: str, point: dict) -> int:
+        # a URI with a password in it goes to the child in its environment, never on its
+        # command line (which every user of the machine can list)
+        secret = redact_uri(self.uri) != self.uri
         command = [
             sys.executable, "-m", "mlplab", "fit",
             *[arg for config in self.configs for arg in ("--config", config)],
             *point_args(point), *self.extra,
             "--experiment_name", self.experiment, "--run_name", point_name(point),
-            "--tracking_uri", self.uri,
+            *([] if secret else ["--tracking_uri", self.uri]),
             "--tags", json.dumps({"mlflow.parentRunId": parent, POINT_TAG: _key(point)}),
         ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.uri}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
         status = "done" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
         print(f"mlplab: sweep child {point_name(point)}: {status}", file=sys.stderr)
         if result.returncode != 0:  # the child's own error, not the tip after it

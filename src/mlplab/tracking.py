@@ -25,6 +25,7 @@ from mlplab.store import (
     experiment_dir,
     folder_name,
     local_store_root,
+    redact_uri,
     resolve_tracking_uri,
     store_lock,
 )
@@ -310,7 +311,12 @@ class MLflowSaveConfig(SaveConfigCallback):
 
     def config_text(self) -> str:
         if self.dumped is None:
-            self.dumped = self.parser.dump(self.config, skip_none=False)
+            config = self.config
+            uri = config.get("tracking_uri")
+            if redact_uri(uri) != uri:  # a password in the URI is kept nowhere
+                config = config.clone()
+                config.tracking_uri = redact_uri(uri)
+            self.dumped = self.parser.dump(config, skip_none=False)
         return self.dumped
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
@@ -321,6 +327,8 @@ class MLflowSaveConfig(SaveConfigCallback):
         config = self.config.clone()
         for key in ("config", "tags"):  # the YAML files' paths and the tags: not settings
             config.pop(key, None)
+        if config.get("tracking_uri"):
+            config.tracking_uri = redact_uri(config.tracking_uri)
         params = flatten_config(config.as_dict())
         params["trainer.world_size"] = trainer.world_size
         params["trainer.nodes_used"] = trainer.num_nodes

@@ -175,13 +175,13 @@ def check_storage(storage: str | None, tracking_uri: str | None) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from mlplab.store import resolve_tracking_uri
+    from mlplab.store import redact_uri, resolve_tracking_uri
 
     try:
         url = make_url(storage)
     except ArgumentError:
         raise UserError(
-            f"--storage {storage!r} is not a database URL; write e.g. "
+            f"--storage {redact_uri(storage)!r} is not a database URL; write e.g. "
             "sqlite:///mlruns/optuna.db or postgresql://user@host/optuna"
         ) from None
     mlflow = resolve_tracking_uri(tracking_uri)

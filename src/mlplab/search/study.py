@@ -27,10 +27,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from mlplab.errors import UserError
+from mlplab.errors import UserError, refused
 from mlplab.search.pruning import MetricNotLogged, Pruned, PruneTrial
 from mlplab.search.space import Dimension, suggest
-from mlplab.store import local_store_root, open_store, resolve_tracking_uri, store_lock
+from mlplab.store import (
+    local_store_root,
+    open_store,
+    redact_uri,
+    resolve_tracking_uri,
+    store_lock,
+)
 from mlplab.sweep import open_parent, point_args, point_name
 
 KEY_TAG = "mlplab.search.key"
@@ -176,7 +182,7 @@ class Search:
             except (ImportError, SQLAlchemyError) as err:
                 reason = str(err).strip().splitlines()[0]
                 raise UserError(
-                    f"cannot open the Optuna storage {self.storage_url}: {reason}"
+                    f"cannot open the Optuna storage {redact_uri(self.storage_url)}: {reason}"
                 ) from None
             study = optuna.create_study(
                 study_name=self.study_name,
@@ -205,7 +211,7 @@ class Search:
             "search.sampler": json.dumps(setup.sampler),
             "search.pruner": json.dumps(setup.pruner),
             "search.study": self.study_name,
-            "search.storage": self.storage_url,
+            "search.storage": redact_uri(self.storage_url),
             "search.args": " ".join(setup.extra),
             **{f"search.space.{k}": json.dumps(v) for k, v in setup.space_spec.items()},
         }
@@ -255,7 +261,10 @@ class Search:
             trial.set_user_attr("mlplab.error", "metric not logged")
             raise  # every trial would fail alike: the search stops
         except Exception as err:  # noqa: BLE001 - a fit's failure is its trial's result
+            if refused(err) is not None:
+                raise  # the server turned these credentials away: every trial would be
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = redact_uri(reason)  # MLflow's messages quote the URL
             trial.set_user_attr("mlplab.error", reason)
             self.finish(trial, pruning, "FAIL", f"failed: {reason}")
             raise TrialFailed(reason) from None
