@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,46 @@ def tracking_server(tmp_path):
     server = MlflowServer(tmp_path).start()
     yield server
     server.stop()
+
+
+# --- `mlplab` commands forked from one process that imported everything (tests/forkserver.py)
+@dataclass
+class Done:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def said(self) -> list[str]:
+        """Every line the user reads (Lightning's start-up lines included)."""
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forkserver.py"))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert json.loads(self.process.stdout.readline()) == {"ready": True}
+
+    def run(self, args: list[str], cwd: Path, env: dict | None = None) -> Done:
+        out, err = cwd / ".stdout", cwd / ".stderr"
+        environment = {**os.environ, **(env or {})}
+        request = {"args": args, "cwd": str(cwd), "env": environment,
+                   "stdout": str(out), "stderr": str(err)}  # fmt: skip
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        code = json.loads(self.process.stdout.readline())["code"]
+        return Done(code, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    server = ForkServer()
+    yield server
+    server.close()

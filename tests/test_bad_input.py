@@ -7,14 +7,9 @@ imported everything once (tests/forkserver.py), so the table costs seconds, not 
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 import shutil
 import sqlite3
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -28,48 +23,6 @@ FIT = ["fit", "--config", XOR, "--trainer.max_epochs", "1"]
 COMMON = {"fit": " ".join(FIT), "xor": XOR, "iris": config("iris_classification"),
           "iris_r": config("iris_regression"),
           "perceptron": str(ROOT / "configs" / "baselines" / "iris_perceptron.yaml")}  # fmt: skip
-
-
-@dataclass
-class Done:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def said(self) -> list[str]:
-        """Every line the user reads (Lightning's start-up lines included)."""
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-
-class ForkServer:
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("forkserver.py"))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert json.loads(self.process.stdout.readline()) == {"ready": True}
-
-    def run(self, args: list[str], cwd: Path, env: dict | None = None) -> Done:
-        out, err = cwd / ".stdout", cwd / ".stderr"
-        environment = {**os.environ, **(env or {})}
-        request = {"args": args, "cwd": str(cwd), "env": environment,
-                   "stdout": str(out), "stderr": str(err)}  # fmt: skip
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        code = json.loads(self.process.stdout.readline())["code"]
-        return Done(code, out.read_text(), err.read_text())
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    server = ForkServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from mlplab.data.examples import write_examples
 from mlplab.errors import UserError
 from mlplab.models import MLP, Classifier
 from mlplab.models.tasks import Task
-from test_bad_input import ForkServer
 
 XOR = config("xor")
 SLURM = {"SLURM_JOB_ID": "99", "SLURM_JOB_NAME": "mlplab", "SLURM_NTASKS": "1",
@@ -74,14 +73,8 @@ def bad_checkpoint(kind: str, good: dict, marker: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cli():
-    server = ForkServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def trained(cli, tmp_path_factory) -> Path:
+    """A folder whose store holds one XOR fit (copied for each case)."""
     folder = tmp_path_factory.mktemp("trained")
     done = cli.run(["fit", "--config", XOR, "--trainer.max_epochs", "1"], folder,
                    {"MLFLOW_TRACKING_URI": ""})  # fmt: skip
