@@ -132,13 +132,13 @@ def run_layer(group: list[tuple[str, str]]) -> dict | str:
 def audit(locks: list[Path], ignore_file: Path | None) -> int:
     ignores = read_ignores(ignore_file)
     pins = read_pins(locks)
-    found, skipped, checked = [], [], 0
+    found, skipped, checked, unreached = [], [], 0, None
     for group in layers(pins):
         report = run_layer(group)
-        if isinstance(report, str):
-            print(f"mlplab audit: NOT CHECKED: the advisory service could not be reached "
-                  f"({report}); the {len(pins)} locked releases were not audited")
-            return 0
+        if isinstance(report, str):  # this layer unheard; what others found still counts
+            unreached = unreached or report
+            skipped += [report] * len(group)
+            continue
         for dependency in report["dependencies"]:
             if "skip_reason" in dependency:
                 skipped.append(dependency["skip_reason"])
@@ -147,8 +147,10 @@ def audit(locks: list[Path], ignore_file: Path | None) -> int:
             for vuln in dependency.get("vulns", []):
                 found.append((dependency["name"], dependency["version"], vuln))
     if not checked:
-        print(f"mlplab audit: NOT CHECKED: the advisory service answered for none of the "
-              f"{len(pins)} locked releases ({skipped[0] if skipped else 'no report'})")
+        why = f"could not be reached ({unreached})" if unreached else (
+            f"answered for none of them ({skipped[0] if skipped else 'no report'})")  # fmt: skip
+        print(f"mlplab audit: NOT CHECKED: the advisory service {why}; the {len(pins)} locked "
+              "releases were not audited")
         return 0
     failed, used = 0, set()
     for name, version, vuln in found:

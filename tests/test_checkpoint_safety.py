@@ -16,8 +16,9 @@ import lightning as L
 import numpy
 import pytest
 import torch
+import yaml
 
-from conftest import CONFIGS, config, real_data
+from conftest import CONFIGS, config, experiment_runs, real_data, store_uri
 from mlplab.data import XORDataModule
 from mlplab.data.examples import write_examples
 from mlplab.errors import UserError
@@ -35,6 +36,7 @@ ENTRY_POINTS = {
     "test": ("test --ckpt_path {ckpt}", {}),
     "validate": ("validate --ckpt_path {ckpt}", {}),
     "test with config": (f"test --config {XOR} --ckpt_path {{ckpt}}", {}),
+    "test with -c": (f"test -c {XOR} --ckpt_path {{ckpt}}", {}),
     "predict with config": (f"predict --config {XOR} --ckpt_path {{ckpt}}", {}),
     "fit resume": (f"fit --config {XOR} --ckpt_path {{ckpt}}", {}),
     "fit resume last": (f"fit --config {XOR} --ckpt_path last", {}),
@@ -69,6 +71,16 @@ def bad_checkpoint(kind: str, good: dict, marker: Path) -> dict:
         hparams["_instantiator"] = "sideeffect.run"
     elif kind == "private module":
         hparams["net"] = {"class_path": "mlplab.__main__.main", "init_args": {}}
+    elif kind.startswith("config"):  # jsonargparse builds a class_path given for an `Any`
+        popen = {"class_path": "subprocess.Popen", "init_args": {"args": f"touch {marker}",
+                                                                  "shell": True}}  # fmt: skip
+        header = popen if kind == "config payload in an Any setting" else yaml.safe_dump(popen)
+        config = yaml.safe_load(good["mlplab_config"])
+        config["trainer"]["profiler"] = {
+            "class_path": "lightning.pytorch.profilers.PyTorchProfiler",
+            "init_args": {"table_kwargs": {"header": header}},
+        }
+        checkpoint["mlplab_config"] = yaml.safe_dump(config)
     return checkpoint
 
 
@@ -96,7 +108,8 @@ def plant(folder: Path, name: str, checkpoint: dict, env: dict) -> str:
 
 
 KINDS = ["reduce payload", "class outside the allow-list", "instantiator outside the allow-list",
-         "private module"]  # fmt: skip
+         "private module", "config payload in an Any setting",
+         "config payload as YAML text"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -121,7 +134,9 @@ def test_a_bad_checkpoint_is_refused_in_one_line_and_nothing_runs(cli, trained, 
     expected = {"reduce payload": "holds a posix.system object, which is code, not data",
                 "class outside the allow-list": "names sideeffect.Net, a class outside",
                 "instantiator outside the allow-list": "names sideeffect.run, an instantiator",
-                "private module": "names mlplab.__main__.main, which is not a public class"}
+                "private module": "names mlplab.__main__.main, which is not a public class",
+                "config payload in an Any setting": "names subprocess.Popen, which is not a net",
+                "config payload as YAML text": "names subprocess.Popen, which is not a network"}
     assert expected[kind] in done.said[0]
     assert not (folder / "model.onnx").exists() and not (folder / "predictions.csv").exists()
 
@@ -159,6 +174,44 @@ def test_a_checkpoint_from_a_config_is_plain_data_and_works_everywhere(cli, trai
                    folder, env)  # fmt: skip
     assert done.code == 0, done.stderr
     assert "mlplab: resuming run" in done.stderr
+
+
+def test_a_checkpoint_keeps_its_model_and_data_not_where_runs_go(cli, trained, tmp_path):
+    """`test --ckpt_path X` alone takes the model, the data and the experiment from X's config;
+    the store, logger and folders stay the user's (a foreign file's tracking URI would be sent
+    the user's credentials)."""
+    good = torch.load(next(trained.rglob("last.ckpt")), weights_only=True)
+    config = yaml.safe_load(good["mlplab_config"])
+    config["tracking_uri"] = "http://127.0.0.1:9"  # nothing listens there
+    config["trainer"]["default_root_dir"] = str(tmp_path / "elsewhere")
+    checkpoint = tmp_path / "moved.ckpt"
+    torch.save({**good, "mlplab_config": yaml.safe_dump(config)}, checkpoint)
+    done = cli.run(["test", "--ckpt_path", str(checkpoint)], tmp_path, {"MLFLOW_TRACKING_URI": ""})
+    assert done.code == 0, done.stderr
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file() and not (tmp_path / "elsewhere").exists()
+    (run,) = experiment_runs(store_uri(tmp_path), "xor")[1]
+    assert "test/acc" in run.data.metrics
+
+
+def test_trust_is_the_last_word_of_each_command(tmp_path):
+    """`--weights_only false` trusts one command's checkpoints, not the next command's; an
+    explicit `weights_only=True` wins over it."""
+    from mlplab.cli import with_weights_only
+    from mlplab.trust import checkpoints_trusted
+
+    with_weights_only(["test", "--weights_only", "true", "--weights_only=false"])
+    assert checkpoints_trusted()
+    _, path = fit_in_python(tmp_path)
+    bad = tmp_path / "bad.ckpt"
+    marker = tmp_path / "ran"
+    torch.save(bad_checkpoint("reduce payload", torch.load(path, weights_only=True), marker), bad)
+    with pytest.raises(UserError):
+        Classifier.load_from_checkpoint(bad, weights_only=True)
+    with_weights_only(["test", "--ckpt_path", str(bad)])
+    assert not checkpoints_trusted()
+    with pytest.raises(UserError):
+        Task.from_checkpoint(str(bad))
+    assert not marker.exists()
 
 
 def fit_in_python(folder: Path, **options) -> Path:

@@ -426,7 +426,8 @@ def test_redact_uri():
     assert redact_uri("no server at https://a:b@host:1 (refused)") == (
         "no server at https://a:***@host:1 (refused)"
     )
-    for plain in ("http://node1:5000", "sqlite:///mlruns/mlflow.db", "postgresql://u@h/db", None):
+    for plain in ("http://node1:5000", "sqlite:///mlruns/mlflow.db", "postgresql://u@h/db", None,
+                  "http://node1:5000/x?to=a@b"):  # fmt: skip
         assert redact_uri(plain) == plain
     assert without_redacted("http://ops:***@node1:5000") == "http://node1:5000"
     assert without_redacted("http://node1:5000") == "http://node1:5000"

@@ -221,6 +221,8 @@ names = [n for n, _ in pins]
 assert len(set(names)) == len(names), "a name twice"
 assert {"--no-deps", "--disable-pip", "--format"} <= set(args)
 mode = os.environ["FAKE_MODE"]
+if mode == "vuln, then down":  # the first layer answers, the next does not
+    mode = "vuln" if len(open(os.environ["FAKE_LOG"]).readlines()) == 1 else "down"
 if mode == "down":
     sys.exit("requests.exceptions.ConnectionError: HTTPSConnectionPool(host='pypi.org', "
              "port=443): Max retries exceeded with url: /pypi/lightning/2.6.3/json")
@@ -325,6 +327,13 @@ def test_an_unreachable_service_is_one_line_and_no_failure(audit, mode):
     assert done.returncode == 0
     assert len(done.stdout.splitlines()) == 1 and not done.stderr
     assert done.stdout.startswith("mlplab audit: NOT CHECKED: the advisory service")
+
+
+def test_an_advisory_found_fails_though_a_later_layer_is_unreachable(audit):
+    done = audit("vuln, then down")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "lightning 2.6.3: GHSA-w37p-236h-pfx3" in done.stdout
+    assert "releases not checked" in done.stdout
 
 
 def test_pip_audit_failing_otherwise_is_one_line(audit):

@@ -54,16 +54,35 @@ class _Parser(LightningArgumentParser):
         self.exit(2)
 
 
+def flag_values(args: list[str], names: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(position, value) of each `--name VALUE` or `--name=VALUE` among `args`, in order."""
+    found = []
+    for at, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        if flag in names:
+            found.append((at, value if equals else (args[at + 1] if at + 1 < len(args) else "")))
+    return found
+
+
+# what `validate|test|predict --ckpt_path X` takes from the config a checkpoint carries: the
+# model, the data and the experiment. Where runs go (store, logger, folders), which checkpoint,
+# how it is read, and any other Trainer setting stay the user's: the file chose them.
+CHECKPOINT_SETTINGS = ("seed_everything", "model", "data", "experiment_name")
+CHECKPOINT_TRAINER_SETTINGS = ("callbacks", "precision", "enable_progress_bar")
+
+
 def with_checkpoint_config(args: list[str]) -> list[str]:
-    """`validate|test|predict --ckpt_path X` with neither `--config` nor `--model`: the config the
-    checkpoint was trained with goes first, so the model and the data are the ones it knew."""
+    """`validate|test|predict --ckpt_path X` with neither `--config` nor `--model`: the model,
+    the data and the experiment the checkpoint was trained with (`CHECKPOINT_SETTINGS`, checked
+    by `mlplab.trust`) go first."""
+    import yaml
+
     flags = [arg.split("=", 1)[0] for arg in args]
     if flags[:1] not in (["validate"], ["test"], ["predict"]) or "--ckpt_path" not in flags:
         return args
-    if "--config" in flags or "--model" in flags:
+    if {"--config", "-c", "--model"} & set(flags):
         return args
-    at = flags.index("--ckpt_path")
-    path = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
+    path = flag_values(args, ("--ckpt_path",))[-1][1]
     if not Path(path).is_file():
         if path in ("", "last", "best", "hpc", "registry") or path.startswith("registry:"):
             return args  # Lightning's names for a checkpoint it finds
@@ -71,21 +90,23 @@ def with_checkpoint_config(args: list[str]) -> list[str]:
     config = read_checkpoint(path).get("mlplab_config")
     if config is None:
         raise UserError(f"{path} carries no config (not written by `mlplab fit`); add --config")
-    # after its config: a file cannot ask for its own trust
-    return [args[0], "--config", config, "--weights_only", "true", *args[1:]]
+    config = yaml.safe_load(config)  # read and checked by `read_checkpoint`
+    settings = {key: config[key] for key in CHECKPOINT_SETTINGS if key in config}
+    trainer = config.get("trainer") or {}
+    settings["trainer"] = {k: trainer[k] for k in CHECKPOINT_TRAINER_SETTINGS if k in trainer}
+    return [args[0], "--config", yaml.safe_dump(settings), *args[1:]]
 
 
 def with_weights_only(args: list[str]) -> list[str]:
     """Lightning reads `--ckpt_path` with `weights_only=True` (a checkpoint is data) unless the
     user's flags or config say `weights_only: false`; Lightning's own default, None, leaves it
-    to an environment variable of PyTorch's. The user's word is recorded before any read."""
+    to an environment variable of PyTorch's. The user's word (the last, as for any flag) is
+    recorded before any read."""
     flags = [arg.split("=", 1)[0] for arg in args]
     if flags[:1] not in (["fit"], ["validate"], ["test"], ["predict"]):
         return args
-    if "--weights_only" in flags:
-        at = flags.index("--weights_only")
-        value = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
-        trust_checkpoints(value.lower() == "false")
+    given = flag_values(args, ("--weights_only",))
+    trust_checkpoints(bool(given) and given[-1][1].lower() == "false")
     return [args[0], "--weights_only", "true", *args[1:]]
 
 
@@ -95,11 +116,7 @@ def check_config_files(args: list[str]) -> list[str]:
     an empty file as "Unexpected config: ")."""
     import yaml
 
-    flags = [arg.split("=", 1)[0] for arg in args]
-    for at, flag in enumerate(flags):
-        if flag not in ("--config", "-c"):
-            continue
-        path = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
+    for _, path in flag_values(args, ("--config", "-c")):
         if not Path(path).is_file():
             continue  # YAML text, or a missing file: jsonargparse says so
         try:
@@ -125,11 +142,9 @@ def with_experiment_name(args: list[str]) -> list[str]:
     flags = [arg.split("=", 1)[0] for arg in args]
     if "--experiment_name" in flags:
         return args
-    for at, flag in enumerate(flags):
-        if flag in ("--config", "-c"):
-            path = args[at].partition("=")[2] or (args[at + 1] if at + 1 < len(args) else "")
-            if path.endswith((".yaml", ".yml", ".json")):  # a file, not YAML text
-                return [*args[:at], "--experiment_name", Path(path).stem, *args[at:]]
+    for at, path in flag_values(args, ("--config", "-c")):
+        if path.endswith((".yaml", ".yml", ".json")):  # a file, not YAML text
+            return [*args[:at], "--experiment_name", Path(path).stem, *args[at:]]
     return args
 
 
@@ -232,8 +247,11 @@ class MLPLabCLI(LightningCLI):
         """Lightning takes the model's settings from `--ckpt_path`'s hyperparameters; here they
         come from mlplab's read (`mlplab.trust`), as Lightning takes them: a file that is no
         checkpoint, or holds or names what it may not, is one line, and a file the user trusts
-        is read in full (Lightning's own read is weights-only whatever the user says). One not
-        written through the CLI (no `_class_path`) has no settings to take: the config rules."""
+        is read in full (Lightning's own read of the hyperparameters is weights-only always;
+        `weights_only` reaches only its restore of the state). One not
+        written through the CLI (no `_class_path`) has no settings to take: the config rules.
+        (LightningCLI has no public hook for the checkpoint's hyperparameters: this overrides
+        its private step, which `LightningCLI.__init__` calls after parsing.)"""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return

@@ -275,7 +275,7 @@ def auth_config(root: Path, username: str) -> Path:
         "# written by `mlplab server` at each start; edits are lost",
         "[mlflow]",
         "default_permission = NO_PERMISSIONS",
-        f"database_uri = sqlite:///{root / 'basic_auth.db'}",
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}".replace("%", "%%"),
         f"admin_username = {name}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
         "grant_default_workspace_access = false",

@@ -18,8 +18,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-# a URL's `scheme://user:password@`: up to the last `@`, so a password holding `@` or `/` goes too
-CREDENTIALS_IN_URL = re.compile(r"([A-Za-z][\w+.-]*://[^:@/?#\s]*):\S*@")
+# a URL's `scheme://user:password@`: up to the last `@` before a query or fragment, so a password
+# holding `@` or `/` goes whole, and an `@` in a query (`?x=a@b`) is no password
+CREDENTIALS_IN_URL = re.compile(r"([A-Za-z][\w+.-]*://[^:@/?#\s]*):[^?#\s]*@")
 
 
 def redact_uri(text: str | None) -> str | None:

@@ -10,9 +10,11 @@ allow-list. Lightning's own reads get `weights_only=True` from the CLI.
 The data still names classes, which LightningCLI and jsonargparse import and build: the
 hyper-parameters' `class_path`s, the config a checkpoint carries, `mlplab_task`. Each must be a
 public class of a package mlplab is built on (`TRUSTED_PACKAGES`), or of a module already
-imported (a config the user gave imported it), the rule Lightning 2.6.6 applies to
-`_class_path` (CVE-2026-58659); callables by name only mlplab's own. Anything else is refused in
-one line before any of it runs. The opt-in for a file the user trusts is Lightning's own switch,
+imported (as Lightning 2.6.6 asks of `_class_path`, CVE-2026-58659), and a network, optimizer,
+scheduler, metric, datamodule or part of a Trainer (`buildable`): jsonargparse builds a
+`class_path` wherever a setting is typed `Any`, so the kind is checked, not only the place. A
+function by name (a setting typed `Callable`) is refused too. Anything else is refused in one
+line before any of it runs. The opt-in for a file the user trusts is Lightning's own switch,
 `--weights_only false`, which `trust_checkpoints` records for the process.
 """
 
@@ -101,7 +103,7 @@ def _read_checkpoint(path: str, modified: int | None, trust: bool) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
     if not trust:
-        for name, kind in named(checkpoint):
+        for name, kind in named(checkpoint, path):
             if why := refusal(name, kind):
                 raise UserError(f"checkpoint {path} names {name}, {why}; nothing was built; {HINT}")
     return checkpoint
@@ -117,29 +119,34 @@ def first_unsafe_global(path: str) -> str | None:
     return wanted[0] if wanted else None
 
 
-def named(checkpoint: dict) -> Iterator[tuple[str, str]]:
+def named(checkpoint: dict, path: str) -> Iterator[tuple[str, str]]:
     """(name, kind) for every class, instantiator and callable the checkpoint names: in its
     hyper-parameters, the datamodule's, the config it carries and `mlplab_task`."""
     import yaml
 
-    if isinstance(checkpoint.get("mlplab_task"), str):
-        yield checkpoint["mlplab_task"], "class"
+    if "mlplab_task" in checkpoint:
+        yield str(checkpoint["mlplab_task"]), "class"
     parts = [checkpoint.get("hyper_parameters"), checkpoint.get("datamodule_hyper_parameters")]
     config = checkpoint.get("mlplab_config")
-    if isinstance(config, str):
+    if config is not None:
         try:
-            parts.append(yaml.safe_load(config))
+            settings = yaml.safe_load(config) if isinstance(config, str) else None
         except yaml.YAMLError:
-            pass  # the CLI says so when it reads it
+            settings = None
+        if not isinstance(settings, dict):
+            raise UserError(f"checkpoint {path} carries a config that is no YAML mapping; {HINT}")
+        parts.append(settings)
     for part in parts:
         yield from _walk(part)
 
 
 def _walk(value) -> Iterator[tuple[str, str]]:
+    import yaml
+
     if isinstance(value, dict):
         for key, item in value.items():
-            if key in ("class_path", "_class_path") and isinstance(item, str):
-                yield item, "class"
+            if key in ("class_path", "_class_path"):
+                yield str(item), "class"
             elif key == "_instantiator":
                 yield str(item), "instantiator"
             else:
@@ -147,6 +154,11 @@ def _walk(value) -> Iterator[tuple[str, str]]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _walk(item)
+    elif isinstance(value, str) and "class_path" in value:
+        try:  # jsonargparse reads a string given for an `Any` setting as YAML
+            yield from _walk(yaml.safe_load(value))
+        except yaml.YAMLError:
+            pass
     elif isinstance(value, str) and DOTTED.fullmatch(value) and _importable(value):
         yield value, "callable"  # jsonargparse imports a dotted string given for a Callable
 
@@ -159,20 +171,43 @@ def _importable(name: str) -> bool:
     return spec is not None and spec.origin is not None
 
 
+@functools.cache
+def buildable() -> tuple[type, ...]:
+    """The kinds of class a checkpoint may name: what a config of mlplab's can build (its
+    model and data, and the Trainer's parts)."""
+    import torchmetrics
+    from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+    from lightning.pytorch import Callback, LightningDataModule
+    from lightning.pytorch.accelerators import Accelerator
+    from lightning.pytorch.loggers import Logger
+    from lightning.pytorch.plugins import Precision
+    from lightning.pytorch.profilers import Profiler
+    from lightning.pytorch.strategies import Strategy
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    return (torch.nn.Module, torch.optim.Optimizer, LRScheduler, ReduceLROnPlateau,
+            torchmetrics.Metric, LightningDataModule, Callback, Logger, Profiler, Strategy,
+            Accelerator, Precision, ClusterEnvironment, CheckpointIO)  # fmt: skip
+
+
+BUILDABLE = "a network, optimizer, scheduler, metric, datamodule or Trainer part"
+
+
 def refusal(name: str, kind: str) -> str | None:
     """Why a checkpoint may not name `name` (None: it may)."""
     if kind == "instantiator":
         return None if name == INSTANTIATOR else "an instantiator other than LightningCLI's"
     module_name, _, attribute = name.rpartition(".")
-    if not module_name or any(part.startswith("_") for part in name.split(".")):
+    parts = name.split(".")[1:] if module_name == "__main__" else name.split(".")
+    if not module_name or any(not part.isidentifier() or part.startswith("_") for part in parts):
         return "which is not a public class of a module"
     top = name.split(".")[0]
     if top in TRUSTED_PACKAGES:
         try:
             module = importlib.import_module(module_name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - no such module here
             return "which is not a class here"
-    elif module_name in sys.modules:
+    elif module_name in sys.modules:  # a script's or notebook's own (`__main__`), or imported
         module = sys.modules[module_name]
     else:
         return (
@@ -181,10 +216,10 @@ def refusal(name: str, kind: str) -> str | None:
         )
     target = getattr(module, attribute, None)
     if inspect.isclass(target):
-        return None
-    if kind == "callable" and (top == "mlplab" or not callable(target)):
-        return None  # mlplab's own function, or a constant (`torch.float32`)
-    return "which is not a class" if target is not None else "which is not a class here"
+        return None if issubclass(target, buildable()) else f"which is not {BUILDABLE} class"
+    if kind == "callable" and not callable(target):
+        return None  # a constant (`torch.float32`), or nothing jsonargparse could call
+    return f"which is not {BUILDABLE} class" if target is not None else "which is not a class here"
 
 
 def resolve_class(name: str) -> type:

@@ -425,7 +425,7 @@ class Task(LightningModule, abc.ABC):
     ):
         """Lightning's, with the checkpoint read as data and its classes checked first
         (`mlplab.trust`); `weights_only=False` is the opt-in for a file you trust."""
-        trusted = weights_only is False or trust.checkpoints_trusted()
+        trusted = trust.checkpoints_trusted() if weights_only is None else not weights_only
         trust.read_checkpoint(checkpoint_path, trust=trusted)
         return super().load_from_checkpoint(
             checkpoint_path, *args, weights_only=not trusted, **kwargs
@@ -436,6 +436,8 @@ class Task(LightningModule, abc.ABC):
         """The task a checkpoint holds, whichever class it is, in eval mode (for inference).
         `Classifier.load_from_checkpoint(path)` does the same when the class is known."""
         task_class = trust.resolve_class(trust.read_checkpoint(path)["mlplab_task"])
+        if not issubclass(task_class, Task):
+            raise UserError(f"{path} names {task_class.__qualname__}, not an mlplab task")
         return task_class.load_from_checkpoint(path, map_location=map_location).eval()
 
     def inference_module(self) -> nn.Sequential:
