@@ -24,6 +24,7 @@ from mlplab.data.examples import write_examples
 from mlplab.errors import UserError
 from mlplab.models import MLP, Classifier
 from mlplab.models.tasks import Task
+from mlplab.trust import refusal
 
 XOR = config("xor")
 SLURM = {"SLURM_JOB_ID": "99", "SLURM_JOB_NAME": "mlplab", "SLURM_NTASKS": "1",
@@ -191,6 +192,24 @@ def test_a_checkpoint_keeps_its_model_and_data_not_where_runs_go(cli, trained, t
     assert (tmp_path / "mlruns" / "mlflow.db").is_file() and not (tmp_path / "elsewhere").exists()
     (run,) = experiment_runs(store_uri(tmp_path), "xor")[1]
     assert "test/acc" in run.data.metrics
+
+
+@pytest.mark.parametrize("name, kind, allowed", [
+    ("mlplab.models.MLP", "class", True), ("torch.optim.Adam", "class", True),
+    ("mlplab.figures.ConfusionMatrix", "class", True),
+    ("lightning.pytorch.profilers.SimpleProfiler", "class", True),
+    ("lightning.pytorch.loggers.CSVLogger", "class", True),
+    ("mlplab.data.base.batch_size", "callable", True), ("torch.float32", "callable", True),
+    ("subprocess.Popen", "class", False), ("os.system", "callable", False),
+    ("mlplab.main.main", "callable", False), ("mlplab.__main__.main", "class", False),
+    ("torch.distributed.elastic.multiprocessing.subprocess_handler.SubprocessHandler", "class",
+     False),
+    ("notimported.Net", "class", False), ("lightning.pytorch.cli.instantiate_module",
+                                           "instantiator", True),
+    ("subprocess.run", "instantiator", False),
+])  # fmt: skip
+def test_what_a_checkpoint_may_name(name, kind, allowed):
+    assert (refusal(name, kind) is None) == allowed, refusal(name, kind)
 
 
 def test_trust_is_the_last_word_of_each_command(tmp_path):

@@ -13,9 +13,10 @@ public class of a package mlplab is built on (`TRUSTED_PACKAGES`), or of a modul
 imported (as Lightning 2.6.6 asks of `_class_path`, CVE-2026-58659), and a network, optimizer,
 scheduler, metric, datamodule or part of a Trainer (`buildable`): jsonargparse builds a
 `class_path` wherever a setting is typed `Any`, so the kind is checked, not only the place. A
-function by name (a setting typed `Callable`) is refused too. Anything else is refused in one
-line before any of it runs. The opt-in for a file the user trusts is Lightning's own switch,
-`--weights_only false`, which `trust_checkpoints` records for the process.
+function by name (a setting typed `Callable`) must be one of mlplab's `FUNCTIONS`. Anything
+else is refused in one line before any of it runs. The opt-in for a file the user trusts is
+Lightning's own switch, `--weights_only false`, which `trust_checkpoints` records for the
+process.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from mlplab.errors import UserError
 TRUSTED_PACKAGES = frozenset(
     {"mlplab", "lightning", "pytorch_lightning", "torch", "torchmetrics", "torchvision"}
 )
+#: the functions an mlplab config may name (`ThroughputMonitor`'s `batch_size_fn`)
+FUNCTIONS = frozenset({"mlplab.data.base.batch_size"})
 #: the instantiator LightningCLI records in the hyper-parameters it saves
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 HINT = "if you trust this file, add --weights_only false"
@@ -197,6 +200,8 @@ def refusal(name: str, kind: str) -> str | None:
     """Why a checkpoint may not name `name` (None: it may)."""
     if kind == "instantiator":
         return None if name == INSTANTIATOR else "an instantiator other than LightningCLI's"
+    if kind == "callable" and name in FUNCTIONS:
+        return None
     module_name, _, attribute = name.rpartition(".")
     parts = name.split(".")[1:] if module_name == "__main__" else name.split(".")
     if not module_name or any(not part.isidentifier() or part.startswith("_") for part in parts):
