@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint as CheckpointBase
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from mlplab.direction import better
 
 
 class Checkpoint(ModelCheckpoint):
@@ -18,6 +21,9 @@ class Checkpoint(ModelCheckpoint):
     `LatestCheckpoint` (the CLI puts `latest` among the callbacks), which rewrites `last.ckpt`
     at every epoch end: `--ckpt_path last` resumes where training was.
 
+    `mode` left unset follows `monitor`'s name (`mlplab.direction`): `--checkpoint.monitor val/acc`
+    keeps the highest accuracy; a `mode` given wins.
+
     `within_epoch` says in public whether it saves inside an epoch: the fast path
     (`mlplab.fast_path`) keeps chunks of batches only where nothing needs single batches.
     """
@@ -25,6 +31,8 @@ class Checkpoint(ModelCheckpoint):
     def __init__(
         self,
         dirpath: str | None = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
         save_last: bool | None = None,
         save_weights_only: bool = False,
         every_n_train_steps: int | None = None,
@@ -35,6 +43,8 @@ class Checkpoint(ModelCheckpoint):
     ) -> None:
         super().__init__(
             dirpath=dirpath,
+            monitor=monitor,
+            mode=mode or (better(monitor) if monitor else "min"),
             save_last=False,
             save_weights_only=save_weights_only,
             every_n_train_steps=every_n_train_steps,

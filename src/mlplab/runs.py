@@ -1,8 +1,8 @@
 """`mlplab runs --experiment NAME`: the experiment's runs as a table, from the MLflow store.
 
 Columns: name, id, status, duration, the params that differ between the runs (the ones worth
-comparing), and the val/ and test/ metrics. `--sort METRIC` orders by it (best first for
-accuracy-like metrics, lowest first for losses and errors); `--format table|markdown|csv`.
+comparing), and the val/ and test/ metrics. `--sort METRIC` orders by it, best first
+(lowest first for losses and errors, as `mlplab.direction` says); `--format table|markdown|csv`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlplab.direction import better
 from mlplab.errors import CommandParser, UserError
 from mlplab.store import open_store
-
-_LOWER_IS_BETTER = ("loss", "mae", "rmse", "error")
 
 
 def runs_table(experiment: str, tracking_uri: str | None = None, sort: str | None = None):
@@ -50,7 +49,7 @@ def runs_table(experiment: str, tracking_uri: str | None = None, sort: str | Non
     if sort is not None:
         if sort not in table.columns:
             raise UserError(f"--sort {sort}: not a column (have: {', '.join(table.columns)})")
-        ascending = any(word in sort for word in _LOWER_IS_BETTER) or sort in ("name", "status")
+        ascending = sort in ("name", "status") or better(sort) == "min"
         table = table.sort_values(sort, ascending=ascending, na_position="last")
     return table.reset_index(drop=True)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from mlplab.direction import better
 from mlplab.errors import CommandParser, UserError
 from mlplab.store import ensure_experiment, local_store_root, open_store, redact_uri, store_lock
 
@@ -209,7 +210,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", action="append", default=[], help="experiment config(s)")
     parser.add_argument("--grid", nargs="+", default=[], help="KEY=[V1,V2,...] per dimension")
     parser.add_argument("--metric", help="what picks the best child (default val/loss)")
-    parser.add_argument("--mode", choices=["min", "max"], help="default: min for */loss")
+    parser.add_argument("--mode", choices=["min", "max"], help="default: min for losses/errors")
     parser.add_argument("--workers", type=int, default=1, help="children run in parallel")
     parser.add_argument("--experiment_name", help="default: the first config's name")
     parser.add_argument("--name", help="the parent run's name (default sweep-<experiment>)")
@@ -227,7 +228,7 @@ def main(argv: list[str]) -> None:
         if not Path(config).is_file():
             parser.exit(2, f"mlplab sweep: error: config file {config} does not exist\n")
     metric = args.metric or spec.get("metric", "val/loss")
-    mode = args.mode or spec.get("mode") or ("min" if metric.endswith("loss") else "max")
+    mode = args.mode or spec.get("mode") or better(metric)
     experiment = args.experiment_name or Path(configs[0]).stem
     name = args.name or spec.get("name") or f"sweep-{experiment}"
     extra = [*map(str, spec.get("args", [])), *extra]

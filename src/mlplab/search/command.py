@@ -9,13 +9,15 @@ from pathlib import Path
 
 import yaml
 
+from mlplab.direction import better
 from mlplab.errors import CommandParser, UserError, parse_cause
 from mlplab.search.space import Dimension, all_keys, parse_space, written_params
 from mlplab.sweep import point_args
 
 FILE_KEYS = {"config", "space", "metric", "direction", "n_trials", "timeout", "sampler",
              "pruner", "args", "name"}  # fmt: skip
-DIRECTIONS = ("minimize", "maximize")
+OPTUNA_DIRECTION = {"min": "minimize", "max": "maximize"}  # a mode as Optuna names it
+DIRECTIONS = tuple(OPTUNA_DIRECTION.values())
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -31,7 +33,7 @@ def arguments() -> argparse.ArgumentParser:
     add("--config", action="append", default=[], help="experiment config(s), as for fit")
     add("--space", help="a YAML mapping of dotted CLI keys to ranges or choices")
     add("--metric", help="a validation metric the model logs (default val/loss)")
-    add("--direction", help="minimize or maximize (default: minimize a loss, else maximize)")
+    add("--direction", help="minimize or maximize (default: minimize losses and errors)")
     add("--n_trials", type=int, help="results the study is run to, over every attempt (20)")
     add("--timeout", type=float, help="stop starting trials after this many seconds")
     add("--sampler", help="tpe (default), random, cmaes, gp, qmc; or YAML {name: tpe, seed: 0}")
@@ -57,7 +59,7 @@ def load_search_file(path: str) -> dict:
     if "grid" in spec and isinstance(spec.get("search"), dict):
         sweep = {k: v for k, v in spec.items() if k in ("config", "metric", "args", "name")}
         if spec.get("mode") in ("min", "max"):
-            sweep["direction"] = "minimize" if spec["mode"] == "min" else "maximize"
+            sweep["direction"] = OPTUNA_DIRECTION[spec["mode"]]
         spec = {**sweep, **spec["search"]}
     unknown = sorted(set(spec) - FILE_KEYS)
     if unknown:
@@ -113,9 +115,7 @@ def settings(argv: list[str]):
     metric = args.metric or spec.get("metric", "val/loss")
     if not isinstance(metric, str):
         raise UserError(f"--metric must be a metric's name, e.g. val/acc; got {metric!r}")
-    direction = args.direction or spec.get("direction")
-    if direction is None:
-        direction = "minimize" if metric.endswith(("loss", "mae", "mse", "rmse")) else "maximize"
+    direction = args.direction or spec.get("direction") or OPTUNA_DIRECTION[better(metric)]
     if direction not in DIRECTIONS:
         raise UserError(f"--direction {direction!r}: write minimize or maximize")
     n_trials = args.n_trials if args.n_trials is not None else spec.get("n_trials", 20)
