@@ -11,7 +11,16 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import CONFIGS, ROOT, config, experiment_runs, fit_in_own_store, real_data, run_mlplab
+from conftest import (
+    CONFIGS,
+    ROOT,
+    config,
+    experiment_runs,
+    fit_in_own_store,
+    real_data,
+    run_mlplab,
+    store_uri,
+)
 from mlplab.main import main
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
@@ -63,7 +72,22 @@ def test_every_config_runs_fit_with_fast_dev_run(path, store, monkeypatch):
     for folder in ("FashionMNIST", "MNIST"):
         if f"{folder}DataModule" in text and not real_data(folder):
             pytest.skip(f"no {folder} files: set MLPLAB_DATA_DIR")
+    if "ThresholdNet" in text:  # seed 000's hand-set weights: nothing to train, only to test
+        main(["test", *configs])
+        assert only_run(store, path.stem).data.metrics["test/acc"] == 1.0  # 4/4, as the seed
+        return
     main(["fit", *configs, "--trainer.fast_dev_run", "true"])
+
+
+def test_a_network_with_nothing_to_train_is_one_line(tmp_path):
+    result = run_mlplab("fit", "--config", config("xor_threshold"), cwd=tmp_path,
+                        env={"MLFLOW_TRACKING_URI": store_uri(tmp_path)})  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mlplab: error: ThresholdNet has no trainable weights: nothing to fit; evaluate it as it "
+        "is with `mlplab test --config ...`"
+    )
+    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ from functools import partial
 import pytest
 import torch
 
+from conftest import config, experiment_runs, fit_in_own_store
 from mlplab.data import IrisClassificationDataModule
+from mlplab.errors import UserError
 from mlplab.models import MLP, Classifier, Regressor
 
 
@@ -95,3 +97,23 @@ def test_a_built_network_is_taken_as_it_is_and_its_width_checked_by_the_loss():
     task = Classifier(net, num_features=4, num_classes=3)
     assert task.net is net and "net" not in task.hparams  # pass net= to load_from_checkpoint
     assert task(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_the_perceptron_steps_and_learns_by_the_perceptron_rule():
+    """Seed 004's unit: a step output; the rule moves the weights only for a wrong side or the
+    boundary, by the input (learning rate 1), as scikit-learn's Perceptron does."""
+    task = Classifier(mlp(), num_features=2, num_classes=2, loss="perceptron")
+    steps = task.output(torch.tensor([[-1.0], [0.0], [2.0]]))
+    assert torch.equal(steps, torch.tensor([[0.0], [0.0], [1.0]]))
+    logits = torch.tensor([[0.0], [3.0], [-1.0]], requires_grad=True)
+    task.loss(logits, torch.tensor([1, 1, 1])).backward()
+    assert logits.grad.squeeze(1).tolist() == pytest.approx([-1 / 3, 0.0, -1 / 3])
+    with pytest.raises(UserError, match="perceptron is binary"):
+        Classifier(mlp(), num_features=4, num_classes=3, loss="perceptron")
+
+
+def test_seed_004s_perceptron_classifies_every_flower(tmp_path):
+    uri = fit_in_own_store(tmp_path, "--config", config("iris_setosa_perceptron"),
+                           "--trainer.callbacks", "[]")  # fmt: skip
+    (run,) = experiment_runs(uri, "iris_setosa_perceptron")[1]
+    assert run.data.metrics["train/acc"] == 1.0 and run.data.metrics["test/acc"] == 1.0

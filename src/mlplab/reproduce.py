@@ -59,6 +59,14 @@ EXPERIMENTS = [
     ),
     Experiment("iris_classification", ["iris_classification"], "000", "val acc 0.96", ["val/acc"]),
     Experiment(
+        "iris_setosa_perceptron",
+        ["iris_setosa_perceptron"],
+        "004",
+        "every flower right (scikit-learn's Perceptron, score 1.0)",
+        ["train/acc"],
+        "Petal length and width, setosa or not: one step unit, the perceptron rule.",
+    ),
+    Experiment(
         "digits", ["digits"], "000", "held-out error 0.068 (logistic regression 0.074)", ["val/acc"]
     ),
     Experiment("mnist", ["mnist"], "002", "test acc 0.912", ["val/acc", "test/acc"]),

@@ -6,6 +6,7 @@ from mlplab.data.tabular import (
     DigitsDataModule,
     IrisClassificationDataModule,
     IrisRegressionDataModule,
+    IrisSetosaDataModule,
     MoonsDataModule,
     XORDataModule,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "ImageFolderDataModule",
     "IrisClassificationDataModule",
     "IrisRegressionDataModule",
+    "IrisSetosaDataModule",
     "MNISTDataModule",
     "MoonsDataModule",
     "TableDataModule",

@@ -108,6 +108,25 @@ class IrisRegressionDataModule(IrisDataModule):
         return data[:, :3], data[:, 3:], torch.float32  # targets (N, 1)
 
 
+class IrisSetosaDataModule(ArrayDataModule):
+    """Seed 004's perceptron data: petal length and width -> Iris setosa (1) or not (0). The
+    seed trains on all 150 flowers and holds none out, so every split is them."""
+
+    num_features = 2
+    num_classes = 2
+    splits = ("train", "val", "test")
+
+    def __init__(self, batch_size: int = 1, **kwargs) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+
+    def load_splits(self) -> dict[str, Split]:
+        from sklearn.datasets import load_iris
+
+        iris = load_iris()
+        flowers = _split(iris.data[:, 2:4], iris.target == 0, torch.int64)
+        return dict.fromkeys(self.splits, flowers)
+
+
 class DigitsDataModule(ArrayDataModule):
     """scikit-learn's 8x8 digits, pixels 0..16 as the seed uses them: the first `n_train` images
     train, the rest are the held-out validation split."""

@@ -73,6 +73,13 @@ class EpochCount(_Unchecked, torchmetrics.SumMetric):
     """How many samples an epoch's metrics cover, summed over DDP ranks."""
 
 
+class Step(nn.Module):
+    """A threshold logic unit's output: 1 where the weighted sum is above 0, else 0."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z > 0).to(z.dtype)
+
+
 class Task(LightningModule, abc.ABC):
     """Supervised training around `net`: subclasses choose the output unit, loss and metrics.
 
@@ -262,6 +269,11 @@ class Task(LightningModule, abc.ABC):
             self.input_norm.std.copy_(std)
 
     def configure_optimizers(self):
+        if not any(p.requires_grad for p in self.parameters()):
+            raise UserError(
+                f"{type(self.net).__name__} has no trainable weights: nothing to fit; evaluate it "
+                "as it is with `mlplab test --config ...`"
+            )
         optimizer = self.optimizer_factory(self.parameters(), self.hparams.lr)
         if self.scheduler_factory is None:
             return optimizer
@@ -452,7 +464,9 @@ class Classifier(Task):
     `loss: cross_entropy` puts the seeds' sigmoid / softmax on the output and trains with
     (binary) cross-entropy on the logits. `loss: mse` is seed 001's linear output unit trained
     with the square loss on the 0/1 (one-hot) targets; its class is the output above 0.5 (binary)
-    or the largest output.
+    or the largest output. `loss: perceptron` (binary) is seed 004's perceptron: a step output
+    unit, trained by the perceptron rule: SGD with learning rate 1 on the perceptron criterion
+    `-(2y - 1) z` wherever the unit is wrong or on the boundary (scikit-learn's `Perceptron`).
 
     `class_weight` (Keras' argument) weighs each training sample's loss by its class: a list in
     the order of the data's classes, or `balanced` (scikit-learn's `n_samples / (n_classes *
@@ -465,7 +479,7 @@ class Classifier(Task):
         net: NetFactory,
         num_features: int,
         num_classes: int | None = None,  # linked from the data's
-        loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+        loss: Literal["cross_entropy", "mse", "perceptron"] = "cross_entropy",
         class_weight: Literal["balanced"] | list[float] | None = None,
         **kwargs,
     ) -> None:
@@ -484,11 +498,15 @@ class Classifier(Task):
             )
         if isinstance(class_weight, list) and min(class_weight) < 0:
             raise UserError(f"model.class_weight {class_weight} has a negative weight")
+        if loss == "perceptron" and num_classes != 2:
+            raise UserError(f"loss: perceptron is binary, and the data has {num_classes} classes")
         self.num_classes = num_classes
         super().__init__(net, num_features, 1 if num_classes == 2 else num_classes, **kwargs)
         self.loss_name = loss
         if loss == "mse":
             self.output = nn.Identity()
+        elif loss == "perceptron":
+            self.output = Step()
         else:
             self.output = nn.Sigmoid() if self.binary else nn.Softmax(dim=1)
         if class_weight is not None:  # a buffer: checkpoints and resumed fits keep the weights
@@ -519,6 +537,10 @@ class Classifier(Task):
             )
             losses = functional.mse_loss(logits, target.float(), reduction=reduction)
             losses = losses if weight is None else losses.mean(dim=1)
+        elif self.loss_name == "perceptron":  # a step on the boundary is wrong too, as in the rule
+            margin = (2 * y.float() - 1) * logits.squeeze(1)
+            losses = torch.where(margin <= 0, -margin, torch.zeros_like(margin))
+            losses = losses.mean() if weight is None else losses
         elif self.binary:  # logits (B, 1), y (B,) in {0, 1}
             losses = functional.binary_cross_entropy_with_logits(
                 logits.squeeze(1), y.float(), reduction=reduction
