@@ -103,7 +103,7 @@ EXPERIMENTS = [
         "mnist_cnn",
         ["mnist_cnn"],
         "-",
-        "test acc >= 0.99 (the issue's target)",
+        "test acc >= 0.99 (the target set for it)",
         ["val/acc", "test/acc"],
         "Not a seed experiment: a second network (`mlplab.models.cnn.ConvNet`) on the seed's data.",
     ),
@@ -111,7 +111,7 @@ EXPERIMENTS = [
         "fashion_mnist_cnn",
         ["fashion_mnist_cnn"],
         "-",
-        "test acc >= 0.91 (the issue's target)",
+        "test acc >= 0.91 (the target set for it)",
         ["val/acc", "test/acc"],
     ),
 ]

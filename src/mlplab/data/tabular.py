@@ -15,20 +15,31 @@ def _split(x: np.ndarray, y: np.ndarray, y_dtype: torch.dtype) -> Split:
     return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=y_dtype)
 
 
-class XORDataModule(ArrayDataModule):
-    """The four points of the XOR truth table. They are the whole domain, so every split is them."""
+class WholeDataModule(ArrayDataModule):
+    """Data the seed holds nothing out of: every split is all of it, one sample a batch."""
 
-    num_features = 2
-    num_classes = 2
     splits = ("train", "val", "test")
 
     def __init__(self, batch_size: int = 1, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
 
+    @abc.abstractmethod
+    def everything(self) -> Split:
+        """All the samples."""
+
     def load_splits(self) -> dict[str, Split]:
+        return dict.fromkeys(self.splits, self.everything())
+
+
+class XORDataModule(WholeDataModule):
+    """The four points of the XOR truth table: the whole domain."""
+
+    num_features = 2
+    num_classes = 2
+
+    def everything(self) -> Split:
         x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
-        points = _split(x, x.sum(axis=1) == 1, torch.int64)
-        return dict.fromkeys(self.splits, points)
+        return _split(x, x.sum(axis=1) == 1, torch.int64)
 
 
 class MoonsDataModule(ArrayDataModule):
@@ -108,23 +119,18 @@ class IrisRegressionDataModule(IrisDataModule):
         return data[:, :3], data[:, 3:], torch.float32  # targets (N, 1)
 
 
-class IrisSetosaDataModule(ArrayDataModule):
-    """Seed 004's perceptron data: petal length and width -> Iris setosa (1) or not (0). The
-    seed trains on all 150 flowers and holds none out, so every split is them."""
+class IrisSetosaDataModule(WholeDataModule):
+    """Seed 004's perceptron data: petal length and width -> Iris setosa (1) or not (0), all
+    150 flowers (the seed holds none out)."""
 
     num_features = 2
     num_classes = 2
-    splits = ("train", "val", "test")
 
-    def __init__(self, batch_size: int = 1, **kwargs) -> None:
-        super().__init__(batch_size=batch_size, **kwargs)
-
-    def load_splits(self) -> dict[str, Split]:
+    def everything(self) -> Split:
         from sklearn.datasets import load_iris
 
         iris = load_iris()
-        flowers = _split(iris.data[:, 2:4], iris.target == 0, torch.int64)
-        return dict.fromkeys(self.splits, flowers)
+        return _split(iris.data[:, 2:4], iris.target == 0, torch.int64)
 
 
 class DigitsDataModule(ArrayDataModule):
