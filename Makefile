@@ -62,7 +62,7 @@ gpu-check: ## on a CUDA machine: the gpu tests, the GPU benchmark, the seeds tim
 	else $(MAKE) install && scripts/gpu/check.sh $(BIN)/python; fi
 
 reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and write docs/RESULTS.md
-	$(BIN)/mlplab reproduce
+	$(BIN)/mlplab reproduce --experiments my_project.experiments
 
 bench: $(STAMP) ## time mlplab against a plain PyTorch loop and the usual Lightning idiom
 	$(BIN)/python bench/bench.py

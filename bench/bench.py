@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 
 from mlplab.cli import MLPLabCLI  # noqa: E402
-from mlplab.data import MNISTDataModule  # noqa: E402
-from mlplab.models import MLP  # noqa: E402
+from my_project.data import MNISTDataModule  # noqa: E402
+from my_project.models import MLP  # noqa: E402
 
 
 def seed_model() -> nn.Module:

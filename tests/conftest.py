@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlplab.server import free_port
+from mlplab.tracking.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -20,13 +20,13 @@ from mlplab.main import _quiet, main
 _quiet()  # first, as `main` does: logging set up as the console script's is
 import mlflow.pytorch  # noqa: E402, F401  (warm imports: what a command imports itself)
 
-import mlplab.baseline  # noqa: E402, F401
 import mlplab.cli  # noqa: E402, F401
-import mlplab.export  # noqa: E402, F401
-import mlplab.predict  # noqa: E402, F401
-import mlplab.runs  # noqa: E402, F401
-import mlplab.search  # noqa: E402, F401
-import mlplab.sweep  # noqa: E402, F401
+import mlplab.commands.baseline  # noqa: E402, F401
+import mlplab.commands.export  # noqa: E402, F401
+import mlplab.commands.predict  # noqa: E402, F401
+import mlplab.commands.search  # noqa: E402, F401
+import mlplab.commands.sweep  # noqa: E402, F401
+import mlplab.tracking.runs  # noqa: E402, F401
 
 
 def child(request: dict) -> int:

@@ -76,11 +76,11 @@ CASES = {
     "unknown model key": ("{fit} --model.lrr 0.1", "model: Option 'lrr' is not accepted (got '0.1')"),
     "unknown flag": ("{fit} --epochs 3", "unrecognized arguments: --epochs 3"),
     "unknown optimizer": ("{fit} --model.optimizer Adamm", "model.optimizer: Expected a path but Adamm"),
-    "unknown model class": ("{fit} --model mlplab.models.Nope", "model: module 'mlplab.models' has no attribute 'Nope'"),
+    "unknown model class": ("{fit} --model my_project.models.Nope", "model: module 'my_project.models' has no attribute 'Nope'"),
     "abstract data class": ("{fit} --data mlplab.data.ArrayDataModule", "data: Expected an instantiatable class, but is abstract"),
     # fit: parts that do not fit together
-    "regressor on classes": ("{fit} --model mlplab.models.Regressor", "XORDataModule holds classes (2), not numeric targets: use mlplab.models.Classifier"),
-    "classifier on numbers": ("fit --config {iris_r} --model mlplab.models.Classifier", "the data has no num_classes (regression data?): use mlplab.models.Regressor"),
+    "regressor on classes": ("{fit} --model my_project.models.Regressor", "XORDataModule holds classes (2), not numeric targets: use my_project.models.Classifier"),
+    "classifier on numbers": ("fit --config {iris_r} --model my_project.models.Classifier", "the data has no num_classes (regression data?): use my_project.models.Regressor"),
     "missing checkpoint": ("{fit} --ckpt_path {dir}/nope.ckpt", "nope.ckpt does not exist; give a .ckpt file or `last`"),
     "text checkpoint": ("{fit} --ckpt_path {text}", "text.ckpt is not a readable checkpoint"),
     "cuda graph on cpu": ("{fit} --model.cuda_graph true", "model.cuda_graph: it needs a CUDA device and this run trains on cpu (or set it false)"),
@@ -141,7 +141,7 @@ CASES = {
     "runs unknown sort": ("runs --experiment xor --sort nope", "--sort nope: not a column"),
     "runs bad store": ("runs --experiment xor --tracking_uri sqlite:/x", "tracking URI 'sqlite:/x' names no database file"),
     "sync no journal": ("sync {dir}", "no run journal in"),
-    "reproduce unknown name": ("reproduce --only nope", "unknown experiment(s) nope; choose from xor"),
+    "reproduce unknown name": ("reproduce --experiments my_project.experiments --only nope", "unknown experiment(s) nope; choose from xor"),
     "server bad port": ("server --port 99999", "--port 99999: a TCP port is 1 to 65535"),
     "unknown command": ("train", "unknown command 'train'; `mlplab --help` lists them"),
 }  # fmt: skip

@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch import Trainer
 
 from conftest import ROOT
-from mlplab.data import XORDataModule
-from mlplab.models import MLP, Classifier
+from my_project.data import XORDataModule
+from my_project.models import MLP, Classifier
 
 spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
 bench = importlib.util.module_from_spec(spec)

@@ -19,12 +19,12 @@ import torch
 import yaml
 
 from conftest import CONFIGS, config, experiment_runs, real_data, store_uri
-from mlplab.data import XORDataModule
 from mlplab.data.examples import write_examples
 from mlplab.errors import UserError
-from mlplab.models import MLP, Classifier
-from mlplab.models.tasks import Task
-from mlplab.trust import refusal
+from mlplab.safety.trust import refusal
+from my_project.data import XORDataModule
+from my_project.models import MLP, Classifier
+from my_project.models.tasks import Task
 
 XOR = config("xor")
 SLURM = {"SLURM_JOB_ID": "99", "SLURM_JOB_NAME": "mlplab", "SLURM_NTASKS": "1",
@@ -195,8 +195,8 @@ def test_a_checkpoint_keeps_its_model_and_data_not_where_runs_go(cli, trained, t
 
 
 @pytest.mark.parametrize("name, kind, allowed", [
-    ("mlplab.models.MLP", "class", True), ("torch.optim.Adam", "class", True),
-    ("mlplab.figures.ConfusionMatrix", "class", True),
+    ("my_project.models.MLP", "class", True), ("torch.optim.Adam", "class", True),
+    ("my_project.figures.ConfusionMatrix", "class", True),
     ("lightning.pytorch.profilers.SimpleProfiler", "class", True),
     ("lightning.pytorch.loggers.CSVLogger", "class", True),
     ("mlplab.data.base.batch_size", "callable", True), ("torch.float32", "callable", True),
@@ -216,7 +216,7 @@ def test_trust_is_the_last_word_of_each_command(tmp_path):
     """`--weights_only false` trusts one command's checkpoints, not the next command's; an
     explicit `weights_only=True` wins over it."""
     from mlplab.cli import with_weights_only
-    from mlplab.trust import checkpoints_trusted
+    from mlplab.safety.trust import checkpoints_trusted
 
     with_weights_only(["test", "--weights_only", "true", "--weights_only=false"])
     assert checkpoints_trusted()
@@ -250,7 +250,7 @@ def test_a_task_built_in_python_is_saved_as_data(tmp_path):
     task, path = fit_in_python(tmp_path, optimizer=torch.optim.SGD, lr_scheduler=scheduler)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    assert hparams["net"] == {"class_path": "mlplab.models.mlp.MLP",
+    assert hparams["net"] == {"class_path": "my_project.models.mlp.MLP",
                               "init_args": {"hidden_sizes": [4]}}  # fmt: skip
     assert hparams["optimizer"] == {"class_path": "torch.optim.sgd.SGD"}
 

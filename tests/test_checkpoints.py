@@ -10,7 +10,7 @@ import torch
 
 from conftest import config, experiment_runs, fit_in_own_store, run_mlplab
 from mlplab.main import main
-from mlplab.models import MLP, Classifier, Task
+from my_project.models import MLP, Classifier, Task
 
 
 @pytest.fixture(scope="module")

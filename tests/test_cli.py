@@ -42,20 +42,20 @@ def test_every_config_runs_fit_with_fast_dev_run(path, store, monkeypatch):
         assert done.value.code in (0, None)
         return
     if path.parent.name == "baselines":  # scikit-learn runs: they parse and instantiate
-        from mlplab.baseline import parser
+        from mlplab.commands.baseline import parser
 
         init = parser().instantiate_classes(parser().parse_args(["--config", str(path)]))
         assert init.estimator.fit and init.data.splits
         return
     if path.parent.name == "sweeps":  # grids over configs: every file they name exists
-        from mlplab.sweep import load_sweep_file
+        from mlplab.commands.sweep import load_sweep_file
 
         spec = load_sweep_file(str(path))
         named = [spec["config"], *spec["grid"].get("config", [])]
         assert all((ROOT / name).is_file() for name in named), named
         return
     if path.parent.name == "searches":  # Optuna searches: their spaces fit their configs
-        from mlplab.search.command import check_config, settings
+        from mlplab.commands.search.command import check_config, settings
 
         monkeypatch.chdir(ROOT)  # a search file names its config from the project's root
         is_file = "space" in yaml.safe_load(path.read_text())
@@ -116,12 +116,12 @@ def test_xor_reaches_all_four_points(xor_run):
 def test_run_records_flattened_params_and_the_resolved_config(xor_run):
     run, _ = xor_run
     params = run.data.params
-    assert params["model"] == "mlplab.models.Classifier"
-    assert params["model.net"] == "mlplab.models.MLP"
+    assert params["model"] == "my_project.models.Classifier"
+    assert params["model.net"] == "my_project.models.MLP"
     assert params["model.net.hidden_sizes"] == "[4, 4]"
     assert float(params["model.lr"]) == 0.02
     assert params["model.optimizer"] == "torch.optim.Adam"
-    assert params["data"] == "mlplab.data.XORDataModule"
+    assert params["data"] == "my_project.data.XORDataModule"
     assert params["trainer.max_epochs"] == "100"
     assert params["data.num_features"] == "2" and params["data.num_classes"] == "2"  # linked
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from mlplab import cuda_graph
-from mlplab.models import MLP, Classifier
+from mlplab.speed import cuda_graph
+from my_project.models import MLP, Classifier
 from test_fast_path import FEATURES, assert_same_training, train
 
 

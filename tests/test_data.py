@@ -5,15 +5,15 @@ from sklearn.datasets import load_iris
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlplab.data import (
+from mlplab.data.base import TensorsDataset, _batch_as_is
+from mlplab.errors import UserError
+from my_project.data import (
     DigitsDataModule,
     IrisClassificationDataModule,
     IrisRegressionDataModule,
     MoonsDataModule,
     XORDataModule,
 )
-from mlplab.data.base import TensorsDataset, _batch_as_is
-from mlplab.errors import UserError
 
 
 def ready(dm):

@@ -19,7 +19,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 
 from conftest import ROOT, config, epochs_logged, experiment_runs, run_mlplab, store_uri
 from mlplab.cli import MLPLabCLI
-from mlplab.slurm import SLURMRequeue
+from mlplab.safety.slurm import SLURMRequeue
 
 # Full-batch training is order-free: two ranks averaging the gradients of their halves take
 # exactly the steps one process takes on the whole split. 201 evaluation points split 101 + 100:

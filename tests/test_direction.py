@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from conftest import config, experiment_runs
-from mlplab.checkpoints import Checkpoint
+from mlplab.commands.search.command import settings
 from mlplab.direction import better
 from mlplab.main import main
-from mlplab.models import Classifier, Regressor
-from mlplab.search.command import settings
+from mlplab.safety.checkpoints import Checkpoint
+from my_project.models import Classifier, Regressor
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from torch import nn
 
-from mlplab.data import DigitsDataModule
-from mlplab.models import MLP, Classifier
+from my_project.data import DigitsDataModule
+from my_project.models import MLP, Classifier
 
 
 def one_cycle(optimizer):

@@ -18,10 +18,10 @@ from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
 from conftest import config, experiment_runs, real_data, run_mlplab, store_uri
-from mlplab import cuda_graph
-from mlplab.data import DigitsDataModule, MNISTDataModule
 from mlplab.errors import UserError
-from mlplab.models import MLP, Classifier
+from mlplab.speed import cuda_graph
+from my_project.data import DigitsDataModule, MNISTDataModule
+from my_project.models import MLP, Classifier
 from test_cuda_graph import FROZEN, FreezeFirstLayer
 from test_fast_path import FEATURES, assert_same_training, train
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import config, real_data, run_mlplab
-from mlplab.data import FashionMNISTDataModule, MNISTDataModule
-from mlplab.data.images import DatasetError, parse_idx
+from mlplab.errors import DatasetError
 from mlplab.main import main
+from my_project.data import FashionMNISTDataModule, MNISTDataModule
+from my_project.data.images import parse_idx
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -212,7 +213,7 @@ def test_the_cnn_config_trains_and_its_logged_model_serves_flat_images(tmp_path,
           "--data.val_size", "20", "--data.verify", "false",
           "--trainer.max_epochs", "1"])  # fmt: skip
     (run,) = mlflow.search_runs(experiment_names=["mnist_cnn"], output_format="list")
-    assert run.data.params["model.net"] == "mlplab.models.cnn.ConvNet"
+    assert run.data.params["model.net"] == "my_project.models.cnn.ConvNet"
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, 784)
     probabilities = np.asarray(model.predict(np.random.rand(3, 784).astype(np.float32)))

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 
 from conftest import config, experiment_runs, run_mlplab, store_uri
-from mlplab.store import create_sqlite_store, open_store
+from mlplab.tracking.store import create_sqlite_store, open_store
 
 XOR = config("xor")
 FIT = ["fit", "--config", XOR, "--trainer.enable_progress_bar", "false"]

@@ -191,7 +191,7 @@ def test_a_network_defined_here_trains_by_class_path_and_reloads(store):
     client, run = fit(store, f"--model.net={__name__}.TinyNet", "--model.net.width=48", epochs=5)
     assert run.data.params["model.net"] == f"{__name__}.TinyNet"
     assert run.data.metrics["val/acc"] > 0.85
-    from mlplab.models import Classifier
+    from my_project.models import Classifier
 
     folder = store.removeprefix("sqlite:///").rsplit("/", 1)[0]
     best = next((__import__("pathlib").Path(folder) / "digits" / run.info.run_id /

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mlplab.models import MLP, count_parameters
+from my_project.models import MLP, count_parameters
 
 
 @pytest.mark.parametrize(

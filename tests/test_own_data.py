@@ -21,10 +21,10 @@ from PIL import Image
 from conftest import ROOT, experiment_runs, fit_in_own_store, store_uri
 from mlplab.data import ImageFolderDataModule, TableDataModule
 from mlplab.data.examples import write_examples
-from mlplab.data.images import DatasetError
+from mlplab.errors import DatasetError
 from mlplab.main import main
-from mlplab.models import MLP, Classifier, Regressor
-from mlplab.server import free_port
+from mlplab.tracking.server import free_port
+from my_project.models import MLP, Classifier, Regressor
 
 EXAMPLES = ROOT / "configs" / "examples"
 
@@ -162,7 +162,7 @@ def test_a_bad_table_is_one_line_exit_2_and_no_run(case, bad_files, store, capsy
     flags = [f"--data.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in args.items()]
     with pytest.raises(SystemExit) as done:
         main(["fit", "--data", "mlplab.data.TableDataModule", *flags,
-              "--model", "mlplab.models.Classifier", "--model.net", "mlplab.models.MLP",
+              "--model", "my_project.models.Classifier", "--model.net", "my_project.models.MLP",
               "--experiment_name", "bad"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2
@@ -257,7 +257,7 @@ def test_balanced_weights_and_a_weight_column_train_and_are_params(tmp_path, sto
     path = table(tmp_path, frame)
     main(["fit", "--data", "mlplab.data.TableDataModule", f"--data.path={path}",
           "--data.target=label", "--data.categorical=[city]", "--data.weight_column=w",
-          "--model", "mlplab.models.Classifier", "--model.net", "mlplab.models.MLP",
+          "--model", "my_project.models.Classifier", "--model.net", "my_project.models.MLP",
           "--model.class_weight=balanced", "--trainer.max_epochs=2",
           "--experiment_name", "weights", "--log_system_metrics=false"])  # fmt: skip
     _, (run,) = experiment_runs(store, "weights")
@@ -276,7 +276,7 @@ def test_a_class_weight_list_of_the_wrong_length_is_one_line(tmp_path, store, ca
     with pytest.raises(SystemExit) as done:
         main(["fit", "--data", "mlplab.data.TableDataModule", f"--data.path={path}",
               "--data.target=label", "--data.categorical=[city]", "--model",
-              "mlplab.models.Classifier", "--model.net", "mlplab.models.MLP",
+              "my_project.models.Classifier", "--model.net", "my_project.models.MLP",
               "--model.class_weight=[1, 2, 3]", "--experiment_name", "bad"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and "class_weight has 3 weights but the data has 2" in err[-1]
@@ -392,7 +392,8 @@ def test_a_datamodule_in_the_working_directory_imports_with_the_console_script(t
     )
     (tmp_path / "my.yaml").write_text(
         "trainer: {max_epochs: 2}\ndata: {class_path: my_data.Squares}\n"
-        "model: {class_path: mlplab.models.Classifier, init_args: {net: mlplab.models.MLP}}\n"
+        "model: {class_path: my_project.models.Classifier,"
+        " init_args: {net: my_project.models.MLP}}\n"
     )
     script = Path(sys.executable).parent / "mlplab"
     done = subprocess.run([str(script), "fit", "--config", "my.yaml", "--log_system_metrics",
@@ -407,7 +408,13 @@ def test_a_datamodule_in_the_working_directory_imports_with_the_console_script(t
 def test_the_base_datamodule_is_refused_without_a_traceback(store, capsys):
     with pytest.raises(SystemExit) as done:
         main(
-            ["fit", "--data", "mlplab.data.ArrayDataModule", "--model", "mlplab.models.Classifier"]
+            [
+                "fit",
+                "--data",
+                "mlplab.data.ArrayDataModule",
+                "--model",
+                "my_project.models.Classifier",
+            ]
         )
     err = capsys.readouterr().err
     assert done.value.code == 2 and "Traceback" not in err and "is abstract" in err

@@ -18,9 +18,9 @@ from lightning.pytorch import Trainer
 from mlflow import MlflowClient
 
 from conftest import config, epochs_logged, experiment_runs, run_in_store, run_mlplab, store_uri
-from mlplab.data import XORDataModule
 from mlplab.main import main
-from mlplab.models import MLP, Classifier
+from my_project.data import XORDataModule
+from my_project.models import MLP, Classifier
 
 # two moons, 40 epochs of 13 batches: long enough to interrupt, short enough for CI
 MOONS = ["fit", "--config", config("moons"), "--trainer.max_epochs", "40",

@@ -155,8 +155,8 @@ def test_workers_run_trials_of_one_study_in_parallel_processes(store, tmp_path):
 
 
 def test_space_ranges_choices_and_sub_spaces_become_trials_and_overrides():
-    from mlplab.search.space import parse_space, suggest, written_params
-    from mlplab.sweep import point_args
+    from mlplab.commands.search.space import parse_space, suggest, written_params
+    from mlplab.commands.sweep import point_args
 
     space = parse_space(
         {
@@ -205,7 +205,7 @@ def test_space_ranges_choices_and_sub_spaces_become_trials_and_overrides():
 
 @pytest.mark.parametrize("what", ["sampler", "pruner"])
 def test_every_named_sampler_and_pruner_is_optunas(what):
-    from mlplab.search.study import PRUNERS, SAMPLERS, component
+    from mlplab.commands.search.study import PRUNERS, SAMPLERS, component
 
     table = SAMPLERS if what == "sampler" else PRUNERS
     required = {"percentile": {"percentile": 25.0}}  # the one without defaults
@@ -220,7 +220,7 @@ def test_a_timeout_stops_starting_trials(store, tmp_path):
 
 
 def test_a_sweep_file_with_a_search_section_is_a_search(store, tmp_path):
-    from mlplab.sweep import load_sweep_file
+    from mlplab.commands.sweep import load_sweep_file
 
     sweep = {"config": MOONS, "metric": "val/acc", "mode": "max", "name": "moons-lr",
              "grid": {"model.lr": [0.01, 0.1]},

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import config, epochs_logged, run_mlplab
-from mlplab.server import PostgreSQL, free_port
+from mlplab.tracking.server import PostgreSQL, free_port
 
 BACKENDS = [
     pytest.param("postgresql", marks=pytest.mark.skipif(

@@ -28,8 +28,8 @@ from mlflow import MlflowClient
 from conftest import ROOT, config, epochs_logged
 from mlplab.errors import CREDENTIALS_REFUSED
 from mlplab.main import main
-from mlplab.server import CREDENTIAL_VARIABLES, free_port, read_credentials, set_admin
-from mlplab.store import redact_uri, without_redacted
+from mlplab.tracking.server import CREDENTIAL_VARIABLES, free_port, read_credentials, set_admin
+from mlplab.tracking.store import redact_uri, without_redacted
 from test_server import start_server, stop_server
 
 USER = "ops"

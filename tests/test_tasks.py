@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import config, experiment_runs, fit_in_own_store
-from mlplab.data import IrisClassificationDataModule
 from mlplab.errors import UserError
-from mlplab.models import MLP, Classifier, Regressor
+from my_project.data import IrisClassificationDataModule
+from my_project.models import MLP, Classifier, Regressor
 
 
 def mlp(*hidden: int):
@@ -82,7 +82,7 @@ def test_num_classes_below_two_is_refused():
 
 
 def test_epoch_loss_is_sample_weighted_and_keeps_nan():
-    from mlplab.models.tasks import EpochMean
+    from my_project.models.tasks import EpochMean
 
     mean = EpochMean()
     mean.update(torch.tensor(2.0), weight=3)  # a batch of 3 with mean loss 2

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from conftest import config
-from mlplab.store import DEFAULT_TRACKING_URI, local_store_root, resolve_tracking_uri
-from mlplab.tracking import flatten_config
+from mlplab.tracking.logger import flatten_config
+from mlplab.tracking.store import DEFAULT_TRACKING_URI, local_store_root, resolve_tracking_uri
 
 
 def test_tracking_uri_precedence(monkeypatch):
@@ -31,7 +31,7 @@ def test_local_store_root(uri, root):
 def test_flatten_config_folds_class_path_and_init_args():
     config = {
         "model": {
-            "class_path": "mlplab.models.Classifier",
+            "class_path": "my_project.models.Classifier",
             "init_args": {
                 "lr": 0.1,
                 "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}},
@@ -41,7 +41,7 @@ def test_flatten_config_folds_class_path_and_init_args():
         "trainer": {"max_epochs": 3, "callbacks": []},
     }
     assert flatten_config(config) == {
-        "model": "mlplab.models.Classifier",
+        "model": "my_project.models.Classifier",
         "model.lr": 0.1,
         "model.optimizer": "torch.optim.SGD",
         "model.optimizer.momentum": 0.9,
@@ -102,7 +102,7 @@ def test_runs_of_one_seed_have_different_names_and_the_seeded_stream_is_kept(tmp
 def test_a_random_name_drawn_twice_gets_the_run_id_appended(tmp_path, monkeypatch):
     import random
 
-    from mlplab.tracking import MLflowRunLogger
+    from mlplab.tracking.logger import MLflowRunLogger
 
     seed = random.seed
     monkeypatch.setattr(random, "seed", lambda *args: seed(3))  # the same "fresh" draw twice

@@ -12,8 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, config, experiment_runs, run_in_store, run_mlplab, store_uri
+from mlplab.commands.sweep import POINT_TAG
 from mlplab.main import main
-from mlplab.sweep import POINT_TAG
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
 SWEEP = ["sweep", "--config", config("xor"), "--grid", "model.lr=[0.02,0.05]",
@@ -97,7 +97,7 @@ def test_register_model_then_load_it_from_the_registry(store):
 
 
 def test_seed_optimizer_sweep_file_names_its_grid():
-    from mlplab.sweep import load_sweep_file, points
+    from mlplab.commands.sweep import load_sweep_file, points
 
     spec = load_sweep_file(str(ROOT / "configs" / "sweeps" / "mnist_optimizers.yaml"))
     assert len(points(spec["grid"])) == 7 and spec["metric"] == "test/acc"
@@ -186,7 +186,7 @@ def test_onnx_export_matches_the_checkpoint(name, tmp_path, capsys):
     import torch
     from lightning.pytorch import Trainer
 
-    from mlplab.models import MLP, Classifier
+    from my_project.models import MLP, Classifier
 
     net = partial(MLP, hidden_sizes=[32, 16], batch_norm=name != "xor",
                   input_batch_norm=name != "xor")  # fmt: skip

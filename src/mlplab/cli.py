@@ -16,19 +16,20 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mlplab import cuda_graph, interrupts
-from mlplab.checkpoints import Checkpoint, latest_checkpoint
+from mlplab.commands.predict import PredictionWriter
 from mlplab.console import ReleaseStartupLines, hold_startup_lines
 from mlplab.errors import UserError, parse_cause, say_mistake
-from mlplab.logged_models import log_model
-from mlplab.models.tasks import Regressor
-from mlplab.predict import PredictionWriter
-from mlplab.resume import check_fits, resolve_resume, run_id_in_checkpoint, slurm_root_dir
-from mlplab.slurm import SLURMRequeue
-from mlplab.store import experiment_dir, open_store, run_exists
-from mlplab.system_metrics import SystemMetrics
-from mlplab.tracking import MLflowRunLogger, MLflowSaveConfig, RunStatus
-from mlplab.trust import read_checkpoint, trust_checkpoints
+from mlplab.safety import interrupts
+from mlplab.safety.checkpoints import Checkpoint, latest_checkpoint
+from mlplab.safety.resume import check_fits, resolve_resume, run_id_in_checkpoint, slurm_root_dir
+from mlplab.safety.slurm import SLURMRequeue
+from mlplab.safety.trust import read_checkpoint, trust_checkpoints
+from mlplab.speed import cuda_graph
+from mlplab.tracking.logged_models import log_model
+from mlplab.tracking.logger import MLflowRunLogger, MLflowSaveConfig, RunStatus
+from mlplab.tracking.store import experiment_dir, open_store, run_exists
+from mlplab.tracking.system_metrics import SystemMetrics
+from my_project.models.tasks import Regressor
 
 DESCRIPTION = (
     "Train, evaluate and track networks with Lightning and MLflow. Also: mlplab sweep | baseline "
@@ -74,7 +75,7 @@ CHECKPOINT_TRAINER_SETTINGS = ("callbacks", "precision", "enable_progress_bar")
 def with_checkpoint_config(args: list[str]) -> list[str]:
     """`validate|test|predict --ckpt_path X` with neither `--config` nor `--model`: the model,
     the data and the experiment the checkpoint was trained with (`CHECKPOINT_SETTINGS`, checked
-    by `mlplab.trust`) go first."""
+    by `mlplab.safety.trust`) go first."""
     import yaml
 
     flags = [arg.split("=", 1)[0] for arg in args]
@@ -245,7 +246,7 @@ class MLPLabCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning takes the model's settings from `--ckpt_path`'s hyperparameters; here they
-        come from mlplab's read (`mlplab.trust`), as Lightning takes them: a file that is no
+        come from mlplab's read (`mlplab.safety.trust`), as Lightning takes them: a file that is no
         checkpoint, or holds or names what it may not, is one line, and a file the user trusts
         is read in full (Lightning's own read of the hyperparameters is weights-only always;
         `weights_only` reaches only its restore of the state). One not
@@ -310,7 +311,7 @@ class MLPLabCLI(LightningCLI):
             if trainer.get("default_root_dir") == "mlruns":
                 trainer["default_root_dir"] = slurm_root_dir("mlruns")  # requeue checkpoints
             if self.subcommand in ("fit", None):
-                # requeue at an epoch boundary, not inside the signal handler (see mlplab.slurm);
+                # requeue at an epoch boundary, not in the signal handler (see mlplab.safety.slurm);
                 # mlplab notes SIGUSR1 from start-up, so Lightning's own requeue never registers,
                 # whatever plugins a config sets
                 if trainer.get("plugins") is None:
@@ -349,7 +350,7 @@ class MLPLabCLI(LightningCLI):
             if not hasattr(data, "num_targets"):
                 raise UserError(
                     f"{type(data).__name__} holds classes ({data.num_classes}), not numeric "
-                    "targets: use mlplab.models.Classifier as the model (for a table, or set "
+                    "targets: use my_project.models.Classifier as the model (for a table, or set "
                     "data.task: regression)"
                 )
 

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 
 from mlplab.errors import UserError
 
-# Lightning's lines that mlplab says in its own words (`RunStatus`, `mlplab.interrupts`)
+# Lightning's lines that mlplab says in its own words (`RunStatus`, `mlplab.safety.interrupts`)
 SAID_BY_MLPLAB = ("Detected KeyboardInterrupt", "Received SIGTERM", "Bypassing SIGTERM")
 
 

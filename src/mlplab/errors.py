@@ -100,3 +100,7 @@ def refused(err: BaseException) -> str | None:
             return f"the tracking server refused this request (403: {reason}); {advice}"
         err = err.__cause__ or err.__context__
     return None
+
+
+class DatasetError(UserError):
+    """The dataset files are missing, truncated or corrupt: the message says how to fix it."""

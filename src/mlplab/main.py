@@ -12,14 +12,14 @@ import sys
 
 # mlplab's own commands and their modules (each has a `main(argv)`)
 COMMANDS = {
-    "sweep": "mlplab.sweep",
-    "search": "mlplab.search",
-    "baseline": "mlplab.baseline",
-    "runs": "mlplab.runs",
-    "export": "mlplab.export",
-    "reproduce": "mlplab.reproduce",
-    "sync": "mlplab.journal",
-    "server": "mlplab.server",
+    "sweep": "mlplab.commands.sweep",
+    "search": "mlplab.commands.search",
+    "baseline": "mlplab.commands.baseline",
+    "runs": "mlplab.tracking.runs",
+    "export": "mlplab.commands.export",
+    "reproduce": "mlplab.commands.reproduce",
+    "sync": "mlplab.tracking.journal",
+    "server": "mlplab.tracking.server",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -89,7 +89,7 @@ def _run(argv: list[str]) -> None:
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command]).main(argv[1:])
     elif command == "predict" and "--input" in argv:
-        from mlplab.predict import main as predict_main
+        from mlplab.commands.predict import main as predict_main
 
         predict_main(argv[1:])
     else:
@@ -118,7 +118,7 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    from mlplab import interrupts
+    from mlplab.safety import interrupts
 
     interrupts.install()
     try:
@@ -129,7 +129,7 @@ def main(args: list[str] | None = None) -> None:
             _run(argv)
             interrupts.check()  # a SIGTERM a stage ended before acting on
         except UserError as err:  # Lightning has already marked a started run FAILED
-            from mlplab.store import redact_uri
+            from mlplab.tracking.store import redact_uri
 
             print(f"mlplab: error: {redact_uri(str(err))}", file=sys.stderr)
             sys.exit(err.exit_code)

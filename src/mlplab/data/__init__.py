@@ -1,26 +1,9 @@
+"""Data machinery every project shares: the in-memory datamodule base (`ArrayDataModule`, its
+batches and chunks) and the datamodules for your own files (tables, image folders) with the
+column encoding that travels with their models."""
+
 from mlplab.data.base import ArrayDataModule
 from mlplab.data.folders import ImageFolderDataModule
-from mlplab.data.images import FashionMNISTDataModule, MNISTDataModule
 from mlplab.data.table import TableDataModule
-from mlplab.data.tabular import (
-    DigitsDataModule,
-    IrisClassificationDataModule,
-    IrisRegressionDataModule,
-    IrisSetosaDataModule,
-    MoonsDataModule,
-    XORDataModule,
-)
 
-__all__ = [
-    "ArrayDataModule",
-    "DigitsDataModule",
-    "FashionMNISTDataModule",
-    "ImageFolderDataModule",
-    "IrisClassificationDataModule",
-    "IrisRegressionDataModule",
-    "IrisSetosaDataModule",
-    "MNISTDataModule",
-    "MoonsDataModule",
-    "TableDataModule",
-    "XORDataModule",
-]
+__all__ = ["ArrayDataModule", "ImageFolderDataModule", "TableDataModule"]

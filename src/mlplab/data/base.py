@@ -73,7 +73,7 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
     `batch_size` is the optimisation batch of one device (0: the whole split); under DDP each
     step sees `batch_size * world_size` samples, unless `global_batch` splits `batch_size` over
     the devices so a config trains with the same batch on any device count. `chunk` above 1 is
-    the fast path (`mlplab.fast_path`): training batches reach the task `chunk` at a time, drawn
+    the fast path (`mlplab.speed`): training batches reach the task `chunk` at a time, drawn
     from one shuffled order, so the optimiser sees exactly the batches a plain loader of
     `batch_size` gives while Lightning's per-step overhead is paid once per chunk; evaluation
     then uses batches of `batch_size * chunk` (the same metrics, sooner). `on_device` keeps the
@@ -122,7 +122,7 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
             self.chunked = self.chunk > 1 and not self.fast_path_blocked(stage)
 
     def fast_path_blocked(self, stage: str | None) -> bool:
-        from mlplab.fast_path import blockers
+        from mlplab.speed.fast_path import blockers
 
         found = blockers(self.trainer, self.trainer.lightning_module)
         if found and stage == "fit":  # evaluation alone only loses its large batches

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mlplab.data.base import ArrayDataModule
-from mlplab.data.images import DatasetError
+from mlplab.errors import DatasetError
 
 
 class FileDataModule(ArrayDataModule):

@@ -9,7 +9,7 @@ import torch
 
 from mlplab.data.base import Split
 from mlplab.data.files import FileDataModule
-from mlplab.data.images import DatasetError
+from mlplab.errors import DatasetError
 
 
 class ImageFolderDataModule(FileDataModule):

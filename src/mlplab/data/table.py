@@ -13,10 +13,10 @@ import torch
 
 from mlplab.data.base import Split
 from mlplab.data.files import FileDataModule
-from mlplab.data.images import DatasetError
+from mlplab.errors import DatasetError
 
 if TYPE_CHECKING:  # the served model's module imports MLflow: loaded when a table is
-    from mlplab.columns import ColumnEncoding
+    from mlplab.data.columns import ColumnEncoding
 
 # pandas readers by extension, and whether they read a subset of columns
 READERS = {
@@ -174,7 +174,7 @@ class TableDataModule(FileDataModule):
             rows = self.split_rows(len(train), labels, has_test="test" in frames)
             frames = {**frames, **{split: train.iloc[index] for split, index in rows.items()}}
             train = frames["train"]
-        from mlplab.columns import ColumnEncoding
+        from mlplab.data.columns import ColumnEncoding
 
         features = self.feature_columns(train)
         self.encoding = ColumnEncoding.fit(train, features, self.categorical, self.impute)
@@ -306,7 +306,7 @@ class TableDataModule(FileDataModule):
                 )
 
     def tensors(self, frame: pd.DataFrame, path: Path, split: str) -> Split:
-        from mlplab.columns import EncodingError
+        from mlplab.data.columns import EncodingError
 
         try:
             x = torch.from_numpy(self.encoding.encode(frame))

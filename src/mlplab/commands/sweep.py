@@ -1,0 +1,252 @@
+"""`mlplab sweep`: every combination of a grid as an MLflow child run under one parent run.
+
+    mlplab sweep --config configs/mnist.yaml --grid model.lr=[0.1,0.01] data.batch_size=[32,64]
+    mlplab sweep configs/sweeps/mnist_optimizers.yaml --workers 2
+
+Each child is an ordinary `mlplab fit` (a subprocess) with the point's settings as CLI
+overrides; a grid key `config` adds a config file instead (e.g. an optimizer partial). The
+parent records the grid, each child's point and the best child by `--metric`. Running the same
+sweep again continues it: children that finished are not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from mlplab.direction import better
+from mlplab.errors import CommandParser, UserError
+from mlplab.tracking.store import (
+    ensure_experiment,
+    local_store_root,
+    open_store,
+    redact_uri,
+    store_lock,
+)
+
+POINT_TAG = "mlplab.sweep.point"
+KEY_TAG = "mlplab.sweep.key"
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """`["model.lr=[0.1,0.01]", "config=[a.yaml,b.yaml]"]` -> {"model.lr": [0.1, 0.01], ...}."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        try:
+            parsed = yaml.safe_load(values) if sep else None
+        except yaml.YAMLError:
+            parsed = None  # e.g. "[0.1," when the shell split the list at a space
+        if not sep or not key or not isinstance(parsed, list) or not parsed:
+            raise UserError(f"--grid {item!r}: write KEY=[VALUE, ...], e.g. model.lr=[0.1,0.01]")
+        grid[key.strip()] = parsed
+    return grid
+
+
+def points(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def point_args(point: dict) -> list[str]:
+    """CLI arguments for one point: `--config FILE` for `config`, `--KEY=VALUE` otherwise."""
+    args = []
+    for key, value in point.items():
+        if key == "config":
+            args += ["--config", str(value)]
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            args.append(f"--{key}={text}")
+    return args
+
+
+def point_name(point: dict) -> str:
+    return ",".join(
+        f"{k}={Path(v).stem if k == 'config' else v}" for k, v in point.items()
+    ).replace(" ", "")
+
+
+def open_parent(client, uri, experiment, name, key_tag, key, command, params) -> str:
+    """A parent run found by its key (`key_tag`), so that running the same sweep or search
+    again continues it; else a new one with `params`."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    experiment_id = ensure_experiment(client, experiment, uri)
+    earlier = client.search_runs(
+        [experiment_id], f"tags.`{key_tag}` = '{key}'", order_by=["start_time DESC"]
+    )
+    if earlier:
+        run_id = earlier[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        print(f"mlplab: continuing {command} {name} (parent run {run_id})", file=sys.stderr)
+        return run_id
+    tags = {MLFLOW_RUN_NAME: name, key_tag: key, "mlplab.command": command}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    for param, value in params.items():
+        client.log_param(run_id, param, str(value)[:6000])
+    return run_id
+
+
+def load_sweep_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise UserError(f"sweep file {path} does not exist (or is not a file)")
+    try:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"cannot read sweep file {path}: {reason}") from None
+    unknown = set(spec) - {"config", "grid", "metric", "mode", "args", "name", "search"}
+    if unknown or not isinstance(spec.get("grid"), dict):
+        raise UserError(
+            f"sweep file {path}: expected keys config, grid (a mapping), metric, mode, args, "
+            f"name, search (for `mlplab search`); got {sorted(spec)}"
+        )
+    return spec
+
+
+class Sweep:
+    def __init__(self, configs, grid, metric, mode, extra, experiment, name, tracking_uri):
+        self.configs, self.grid, self.metric, self.mode = configs, grid, metric, mode
+        self.extra, self.experiment, self.name = extra, experiment, name
+        self.uri = open_store(tracking_uri)
+        identity = json.dumps([configs, grid, extra, metric], sort_keys=True, default=str)
+        self.key = hashlib.sha1(identity.encode()).hexdigest()[:12]
+        from mlflow.tracking import MlflowClient
+
+        with store_lock(local_store_root(self.uri)):
+            self.client = MlflowClient(self.uri)
+
+    def parent(self) -> str:
+        """The sweep's parent run: the unfinished one of an earlier attempt, else a new one."""
+        params = {"sweep.config": ",".join(self.configs), "sweep.metric": self.metric,
+                  "sweep.mode": self.mode, "sweep.size": len(points(self.grid))}  # fmt: skip
+        params.update({f"sweep.grid.{k}": json.dumps(v) for k, v in self.grid.items()})
+        return open_parent(
+            self.client, self.uri, self.experiment, self.name, KEY_TAG, self.key, "sweep", params
+        )
+
+    def children(self, parent: str) -> list:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        return self.client.search_runs(
+            [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+        )
+
+    def run_child(self, parent: str, point: dict) -> int:
+        # a URI with a password in it goes to the child in its environment, never on its
+        # command line (which every user of the machine can list)
+        secret = redact_uri(self.uri) != self.uri
+        command = [
+            sys.executable, "-m", "mlplab", "fit",
+            *[arg for config in self.configs for arg in ("--config", config)],
+            *point_args(point), *self.extra,
+            "--experiment_name", self.experiment, "--run_name", point_name(point),
+            *([] if secret else ["--tracking_uri", self.uri]),
+            "--tags", json.dumps({"mlflow.parentRunId": parent, POINT_TAG: _key(point)}),
+        ]  # fmt: skip
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.uri}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        status = "done" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+        print(f"mlplab: sweep child {point_name(point)}: {status}", file=sys.stderr)
+        if result.returncode != 0:  # the child's own error, not the tip after it
+            said = [line for line in result.stderr.strip().splitlines()
+                    if line.strip() and not line.startswith("tip:")]  # fmt: skip
+            print(f"  {said[-1].strip() if said else 'no message'}", file=sys.stderr)
+        return result.returncode
+
+    def run(self, workers: int) -> dict:
+        parent = self.parent()
+        finished = {
+            run.data.tags.get(POINT_TAG)
+            for run in self.children(parent)
+            if run.info.status == "FINISHED"
+        }
+        todo = [p for p in points(self.grid) if _key(p) not in finished]
+        skipped = len(points(self.grid)) - len(todo)
+        print(
+            f"mlplab: sweep {self.name}: {len(todo)} to run, {skipped} finished before",
+            file=sys.stderr,
+        )
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                codes = list(pool.map(lambda p: self.run_child(parent, p), todo))
+        except KeyboardInterrupt:
+            self.client.set_terminated(parent, "KILLED")
+            raise
+        best = self.best(parent)
+        if best is not None:
+            self.client.set_tag(parent, "mlplab.best_child", best.info.run_id)
+            self.client.log_metric(parent, f"best/{self.metric}", best.data.metrics[self.metric])
+            print(
+                f"mlplab: best child {best.info.run_name} ({best.info.run_id}): "
+                f"{self.metric}={best.data.metrics[self.metric]:.4f}"
+            )
+        failed = sum(code != 0 for code in codes)
+        self.client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        return {"parent": parent, "best": best, "failed": failed, "ran": len(todo)}
+
+    def best(self, parent: str):
+        done = [r for r in self.children(parent)
+                if r.info.status == "FINISHED" and self.metric in r.data.metrics]  # fmt: skip
+        if not done:
+            return None
+        pick = max if self.mode == "max" else min
+        return pick(done, key=lambda r: r.data.metrics[self.metric])
+
+
+def _key(point: dict) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def main(argv: list[str]) -> None:
+    parser = CommandParser(
+        prog="mlplab sweep",
+        usage="mlplab sweep [SWEEP_FILE] [options] [fit overrides, e.g. --trainer.max_epochs 5]",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("--config", action="append", default=[], help="experiment config(s)")
+    parser.add_argument("--grid", nargs="+", default=[], help="KEY=[V1,V2,...] per dimension")
+    parser.add_argument("--metric", help="what picks the best child (default val/loss)")
+    parser.add_argument("--mode", choices=["min", "max"], help="default: min for losses/errors")
+    parser.add_argument("--workers", type=int, default=1, help="children run in parallel")
+    parser.add_argument("--experiment_name", help="default: the first config's name")
+    parser.add_argument("--name", help="the parent run's name (default sweep-<experiment>)")
+    parser.add_argument("--tracking_uri")
+    parser.add_argument("--register_model", help="register the best child's model as NAME")
+    # the sweep file comes first, so a fit override's value is never taken for it
+    sweep_file = argv[0] if argv and not argv[0].startswith("-") else None
+    args, extra = parser.parse_known_args(argv[1:] if sweep_file else argv)
+    spec = load_sweep_file(sweep_file) if sweep_file else {}
+    configs = args.config or _as_list(spec.get("config"))
+    grid = {**{k: _as_list(v) for k, v in spec.get("grid", {}).items()}, **parse_grid(args.grid)}
+    if not configs or not grid:
+        parser.exit(2, "mlplab sweep: error: give --config and --grid, or a sweep file\n")
+    for config in configs + [v for v in grid.get("config", [])]:
+        if not Path(config).is_file():
+            parser.exit(2, f"mlplab sweep: error: config file {config} does not exist\n")
+    metric = args.metric or spec.get("metric", "val/loss")
+    mode = args.mode or spec.get("mode") or better(metric)
+    experiment = args.experiment_name or Path(configs[0]).stem
+    name = args.name or spec.get("name") or f"sweep-{experiment}"
+    extra = [*map(str, spec.get("args", [])), *extra]
+    sweep = Sweep(configs, grid, metric, mode, extra, experiment, name, args.tracking_uri)
+    result = sweep.run(args.workers)
+    if args.register_model and result["best"] is not None:
+        from mlplab.tracking.logged_models import register_model
+
+        register_model(f"runs:/{result['best'].info.run_id}/model", args.register_model, sweep.uri)
+    if result["failed"]:
+        sys.exit(1)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
