@@ -7,7 +7,7 @@ process, and reported as a ratio to it. Contenders:
 1. mlplab      `mlplab fit --config configs/mnist.yaml` on the GPU: what a user gets (host
                tensors in pinned memory, chunks of 32 batches, MLflow, checkpoints);
 2. on device   the same with `--data.on_device true` (the tensors on the GPU);
-3. cuda graph  with `--data.on_device true --model.cuda_graph true` (`mlplab.speed.cuda_graph`);
+3. cuda graph  with `--data.on_device true --fast_path.cuda_graph true` (`mlplab.speed.cuda_graph`);
 4. idiom       the usual Lightning template: torchvision's MNIST with `ToTensor` in a DataLoader.
 
 Issue 19's targets, as ratios of one run: mlplab <= 1.1x the plain loop; the CUDA-graph option
@@ -41,7 +41,7 @@ def contenders(device: str) -> dict[str, list[str]]:
     on = ["--trainer.accelerator", accelerator(device)]
     runs = {"mlplab": on, "on device": [*on, "--data.on_device", "true"]}
     if device == "cuda":
-        runs["cuda graph"] = [*runs["on device"], "--model.cuda_graph", "true"]
+        runs["cuda graph"] = [*runs["on device"], "--fast_path.cuda_graph", "true"]
     return runs
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 ADVISORY_ID = re.compile(r"^[A-Z][A-Z0-9]*-[A-Za-z0-9][A-Za-z0-9-]*$")
-# what requests, urllib3 and pip-audit say when no answer came back
+# what requests, urllib3 and pip-audit say when no answer came back (pip-audit runs as a
+# command: its stderr text is all it says about why no report came)
 UNREACHABLE = re.compile(
     r"ConnectionError|ConnectTimeout|ReadTimeout|Timeout|NameResolution|Name or service not known"
     r"|Temporary failure in name resolution|Max retries exceeded|Network is unreachable"

@@ -51,6 +51,8 @@ def load_toml(path: Path) -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10: pip ships tomli
+        # pip's private copy: this runs before anything is installed (the public `tomli` comes
+        # with the lock), and Python 3.10 has no tomllib
         from pip._vendor import tomli as tomllib
     with path.open("rb") as f:
         return tomllib.load(f)
@@ -94,7 +96,10 @@ def check(root: Path) -> None:
 
 
 def pip_failure(stderr: str, lock: Path = LOCK) -> str | None:
-    """pip's complaint about a lock, as one line (None: pip failed for another reason)."""
+    """pip's complaint about a lock, as one line (None: pip failed for another reason).
+
+    pip is run as a command (it has no supported Python API) and says what failed only in its
+    messages: they are read."""
     lines = stderr.splitlines()
     for i, line in enumerate(lines):
         if "DO NOT MATCH THE HASHES" in line:
@@ -141,7 +146,8 @@ def pip_install(requirements: Path, lock: Path = LOCK) -> None:
             raise LockError(reason)
         sys.stderr.write(done.stderr)
         raise LockError(f"pip install -r {lock} failed (its messages are above)")
-    # pip's warnings (a yanked release, ...), less one per package for an index folder that lacks it
+    # pip's warnings (a yanked release, ...), less one per package for an index folder that lacks
+    # it (by its text: pip's only output)
     for line in done.stderr.splitlines():
         if not re.match(r"WARNING: Location '.*' is ignored", line):
             print(line, file=sys.stderr)

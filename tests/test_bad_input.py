@@ -79,12 +79,12 @@ CASES = {
     "unknown model class": ("{fit} --model my_project.models.Nope", "model: module 'my_project.models' has no attribute 'Nope'"),
     "abstract data class": ("{fit} --data mlplab.data.ArrayDataModule", "data: Expected an instantiatable class, but is abstract"),
     # fit: parts that do not fit together
-    "regressor on classes": ("{fit} --model my_project.models.Regressor", "XORDataModule holds classes (2), not numeric targets: use my_project.models.Classifier"),
+    "regressor on classes": ("{fit} --model my_project.models.Regressor", "the data holds classes (2), not numeric targets: use my_project.models.Classifier"),
     "classifier on numbers": ("fit --config {iris_r} --model my_project.models.Classifier", "the data has no num_classes (regression data?): use my_project.models.Regressor"),
     "missing checkpoint": ("{fit} --ckpt_path {dir}/nope.ckpt", "nope.ckpt does not exist; give a .ckpt file or `last`"),
     "text checkpoint": ("{fit} --ckpt_path {text}", "text.ckpt is not a readable checkpoint"),
-    "cuda graph on cpu": ("{fit} --model.cuda_graph true", "model.cuda_graph: it needs a CUDA device and this run trains on cpu (or set it false)"),
-    "cuda graph, single batches": ("{fit} --model.cuda_graph true --data.chunk 1", "this run trains on cpu; it replays over the fast path's chunks: set data.chunk above 1"),
+    "cuda graph on cpu": ("{fit} --fast_path.cuda_graph true", "fast_path.cuda_graph: it needs a CUDA device and this run trains on cpu (or set it false)"),
+    "cuda graph, single batches": ("{fit} --fast_path.cuda_graph true --data.chunk 1", "this run trains on cpu; it replays over the fast path's chunks: set data.chunk above 1"),
     "xor checkpoint into iris": ("fit --config {iris} --ckpt_path {best}", "belongs to another model (net.1.weight"),
     # fit: config files
     "missing config": ("fit --config {dir}/nope.yaml", "config: File does not exist:"),

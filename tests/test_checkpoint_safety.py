@@ -8,6 +8,7 @@ export. Commands run as real processes forked from one that imported everything
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from functools import partial
 from pathlib import Path
@@ -21,10 +22,11 @@ import yaml
 from conftest import CONFIGS, config, experiment_runs, real_data, store_uri
 from mlplab.data.examples import write_examples
 from mlplab.errors import UserError
+from mlplab.safety import metadata
+from mlplab.safety.metadata import CheckpointMetadata, load_module
 from mlplab.safety.trust import refusal
 from my_project.data import XORDataModule
 from my_project.models import MLP, Classifier
-from my_project.models.tasks import Task
 
 XOR = config("xor")
 SLURM = {"SLURM_JOB_ID": "99", "SLURM_JOB_NAME": "mlplab", "SLURM_NTASKS": "1",
@@ -76,12 +78,12 @@ def bad_checkpoint(kind: str, good: dict, marker: Path) -> dict:
         popen = {"class_path": "subprocess.Popen", "init_args": {"args": f"touch {marker}",
                                                                   "shell": True}}  # fmt: skip
         header = popen if kind == "config payload in an Any setting" else yaml.safe_dump(popen)
-        config = yaml.safe_load(good["mlplab_config"])
+        config = yaml.safe_load(good[metadata.CONFIG])
         config["trainer"]["profiler"] = {
             "class_path": "lightning.pytorch.profilers.PyTorchProfiler",
             "init_args": {"table_kwargs": {"header": header}},
         }
-        checkpoint["mlplab_config"] = yaml.safe_dump(config)
+        checkpoint[metadata.CONFIG] = yaml.safe_dump(config)
     return checkpoint
 
 
@@ -182,11 +184,11 @@ def test_a_checkpoint_keeps_its_model_and_data_not_where_runs_go(cli, trained, t
     the store, logger and folders stay the user's (a foreign file's tracking URI would be sent
     the user's credentials)."""
     good = torch.load(next(trained.rglob("last.ckpt")), weights_only=True)
-    config = yaml.safe_load(good["mlplab_config"])
+    config = yaml.safe_load(good[metadata.CONFIG])
     config["tracking_uri"] = "http://127.0.0.1:9"  # nothing listens there
     config["trainer"]["default_root_dir"] = str(tmp_path / "elsewhere")
     checkpoint = tmp_path / "moved.ckpt"
-    torch.save({**good, "mlplab_config": yaml.safe_dump(config)}, checkpoint)
+    torch.save({**good, metadata.CONFIG: yaml.safe_dump(config)}, checkpoint)
     done = cli.run(["test", "--ckpt_path", str(checkpoint)], tmp_path, {"MLFLOW_TRACKING_URI": ""})
     assert done.code == 0, done.stderr
     assert (tmp_path / "mlruns" / "mlflow.db").is_file() and not (tmp_path / "elsewhere").exists()
@@ -224,19 +226,20 @@ def test_trust_is_the_last_word_of_each_command(tmp_path):
     bad = tmp_path / "bad.ckpt"
     marker = tmp_path / "ran"
     torch.save(bad_checkpoint("reduce payload", torch.load(path, weights_only=True), marker), bad)
-    with pytest.raises(UserError):
+    with pytest.raises(pickle.UnpicklingError):  # Lightning's own read, weights only
         Classifier.load_from_checkpoint(bad, weights_only=True)
     with_weights_only(["test", "--ckpt_path", str(bad)])
     assert not checkpoints_trusted()
     with pytest.raises(UserError):
-        Task.from_checkpoint(str(bad))
+        load_module(bad)
     assert not marker.exists()
 
 
 def fit_in_python(folder: Path, **options) -> Path:
     task = Classifier(partial(MLP, hidden_sizes=[4]), num_features=2, num_classes=2, **options)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=folder)  # fmt: skip
+                        enable_model_summary=False, default_root_dir=folder,
+                        callbacks=[CheckpointMetadata()])  # fmt: skip
     trainer.fit(task, datamodule=XORDataModule(batch_size=4))
     path = folder / "python.ckpt"
     trainer.save_checkpoint(path)
@@ -254,7 +257,7 @@ def test_a_task_built_in_python_is_saved_as_data(tmp_path):
                               "init_args": {"hidden_sizes": [4]}}  # fmt: skip
     assert hparams["optimizer"] == {"class_path": "torch.optim.sgd.SGD"}
 
-    for loaded in (Classifier.load_from_checkpoint(path), Task.from_checkpoint(str(path))):
+    for loaded in (Classifier.load_from_checkpoint(path), load_module(path)):
         pairs = zip(task.state_dict().values(), loaded.state_dict().values(), strict=True)
         assert all(torch.equal(a, b) for a, b in pairs)
         optimizer = loaded.configure_optimizers()
@@ -267,9 +270,10 @@ def test_load_from_checkpoint_refuses_code_unless_trusted(tmp_path):
     marker = tmp_path / "ran"
     bad = tmp_path / "bad.ckpt"
     torch.save(bad_checkpoint("reduce payload", torch.load(path, weights_only=True), marker), bad)
-    for load in (Classifier.load_from_checkpoint, Task.from_checkpoint):
-        with pytest.raises(UserError, match="holds a posix.system object"):
-            load(str(bad))
+    with pytest.raises(UserError, match="holds a posix.system object"):
+        load_module(bad)
+    with pytest.raises(pickle.UnpicklingError):  # Lightning's own read, weights only
+        Classifier.load_from_checkpoint(bad)
     assert not marker.exists()
     Classifier.load_from_checkpoint(bad, weights_only=False)  # the caller's explicit trust
     assert marker.exists()

@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from sklearn.datasets import load_iris
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlplab.data.base import TensorsDataset, _batch_as_is
 from mlplab.errors import UserError
+from mlplab.speed.fast_path import FastPath
 from my_project.data import (
     DigitsDataModule,
     IrisClassificationDataModule,
@@ -122,9 +124,11 @@ def test_batch_size_zero_means_the_whole_split():
 
 def test_training_batches_come_in_chunks_and_evaluation_in_large_batches():
     dm = ready(DigitsDataModule(batch_size=16, chunk=4))
-    dm.chunked = True  # what `setup` decides in a fit where nothing needs single batches
+    fast = FastPath()
+    fast.chunk = 4  # what it decides in a fit where nothing needs single batches
+    dm.trainer = Trainer(callbacks=[fast], logger=False, enable_checkpointing=False)
     chunks = list(dm.train_dataloader())
     assert len(chunks) == 16  # ceil(1000 / 64)
-    assert [len(x) for x in chunks[0][0]] == [16, 16, 16, 16]
-    assert [len(x) for x in chunks[-1][0]] == [16, 16, 8]  # 1000 = 15 * 64 + 40
+    assert [len(x) for x, _ in chunks[0]] == [16, 16, 16, 16]  # a list of whole batches
+    assert [len(x) for x, _ in chunks[-1]] == [16, 16, 8]  # 1000 = 15 * 64 + 40
     assert [len(x) for x, _ in dm.val_dataloader()] == [64] * 12 + [29]

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from torch import nn
 
+from mlplab.speed.fast_path import FastPath
 from my_project.data import DigitsDataModule
 from my_project.models import MLP, Classifier
 
@@ -22,18 +23,25 @@ def halve(optimizer):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
 
-def train(chunk: int, epochs: int = 2, callbacks=(), task_options=None, **trainer_options):
+def train(chunk: int, epochs: int = 2, callbacks=(), task_options=None, cuda_graph=False,
+          **trainer_options):  # fmt: skip
+    """A fit of digits with batches of 16, `chunk` at a time through `FastPath`."""
     seed_everything(3)
     dm = DigitsDataModule(n_train=300, batch_size=16, chunk=chunk)
     options = {"optimizer": torch.optim.SGD, "lr": 0.01, **(task_options or {})}
     task = Classifier(partial(MLP, hidden_sizes=[32]), num_features=64, num_classes=10, **options)
     trainer = Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+        enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[*callbacks, FastPath(cuda_graph)],
         **trainer_options,
     )  # fmt: skip
     trainer.fit(task, dm)
     return task, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def chunks_taken(task) -> int:
+    return next(cb.chunk for cb in task.trainer.callbacks if isinstance(cb, FastPath))
 
 
 def assert_same_training(a: Classifier, b: Classifier) -> None:
@@ -64,7 +72,8 @@ def test_chunks_train_exactly_as_lightnings_automatic_optimisation(feature):
     trainer_options, task_options = FEATURES[feature]
     plain, plain_metrics = train(1, task_options=task_options, **trainer_options)
     chunked, chunked_metrics = train(8, task_options=task_options, **trainer_options)
-    assert plain.automatic_optimization and not chunked.automatic_optimization
+    assert chunks_taken(plain) == 1 and chunks_taken(chunked) == 8
+    assert "training_step" not in vars(chunked)  # the module's own again after the fit
     assert_same_training(plain, chunked)
     assert plain_metrics.keys() == chunked_metrics.keys()
     for key in plain_metrics:
@@ -129,7 +138,7 @@ class BatchCounter(Callback):
 def test_what_needs_single_batches_turns_chunks_off_and_says_so(blocker, options, caplog):
     callbacks = [blocker] if blocker is not None else []
     task, _ = train(8, epochs=1, callbacks=callbacks, **options)
-    assert task.automatic_optimization  # plain Lightning for this run
+    assert chunks_taken(task) == 1  # plain Lightning for this run
     assert "data.chunk 8 is off for this run" in caplog.text
     if isinstance(blocker, BatchCounter):
         assert blocker.calls == task.trainer.global_step == 19
@@ -159,3 +168,41 @@ def test_epoch_metrics_cover_one_epoch_and_are_the_models_own(chunk):
     assert abs(metrics["val/acc"] - (logits.argmax(1) == y).float().mean().item()) < 1e-6
     assert abs(metrics["val/loss"] - nn.functional.cross_entropy(logits, y).item()) < 1e-5
     assert {"train/loss", "train/acc"} <= metrics.keys()
+
+
+class OwnStep(Classifier):
+    """The most common override: a training step of its own, written for one (x, y) batch."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append(len(x))
+        return self.loss(self(x), y)
+
+
+def test_an_overridden_training_step_gets_one_batch_per_call():
+    """With chunks on, the module's own `training_step` still gets one batch a call, and the
+    optimiser steps once per batch."""
+    seed_everything(3)
+    task = OwnStep(partial(MLP, hidden_sizes=[8]), num_features=64, num_classes=10)
+    task.seen = []
+    fast = FastPath()
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[fast])  # fmt: skip
+    trainer.fit(task, DigitsDataModule(n_train=300, batch_size=16, chunk=8))
+    assert fast.chunk == 8
+    assert task.seen == [16] * 18 + [12]  # 300 samples: every batch alone, in order
+    assert trainer.global_step == 19
+
+
+def test_a_seed_config_takes_its_chunks_through_the_cli(tmp_path, monkeypatch):
+    """The callbacks the CLI adds (divergence, checkpoints, run status) keep chunks on."""
+    from conftest import config
+    from mlplab.cli import MLPLabCLI
+
+    monkeypatch.chdir(tmp_path)
+    cli = MLPLabCLI(args=["fit", "--config", config("xor"), "--trainer.max_epochs", "2",
+                          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    (fast,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FastPath)]
+    assert fast.chunk == 32
+    assert cli.trainer.global_step == 2 * 4  # XOR's four points, batches of one

@@ -20,6 +20,7 @@ from torch import nn
 from conftest import config, experiment_runs, real_data, run_mlplab, store_uri
 from mlplab.errors import UserError
 from mlplab.speed import cuda_graph
+from mlplab.speed.fast_path import FastPath
 from my_project.data import DigitsDataModule, MNISTDataModule
 from my_project.models import MLP, Classifier
 from test_cuda_graph import FROZEN, FreezeFirstLayer
@@ -144,15 +145,20 @@ def test_predict_and_export_from_a_gpu_checkpoint(fits, tmp_path):
 
 @pytest.fixture
 def graphs(monkeypatch) -> list:
-    """Every StepGraph a fit makes (the task drops its own when training ends)."""
+    """Every GraphedForward a fit makes, with how many times each captured."""
     made = []
 
-    class Recorded(cuda_graph.StepGraph):
+    class Recorded(cuda_graph.GraphedForward):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
+            self.captures = 0
             made.append(self)
 
-    monkeypatch.setattr(cuda_graph, "StepGraph", Recorded)
+        def capture(self, x) -> None:
+            self.captures += 1
+            super().capture(x)
+
+    monkeypatch.setattr(cuda_graph, "GraphedForward", Recorded)
     return made
 
 
@@ -172,11 +178,10 @@ def test_cuda_graph_replays_train_as_the_eager_fast_path(case, graphs):
         8, callbacks=[c() for c in callbacks], task_options=task_options, **gpu
     )
     graphed, graphed_metrics = train(
-        8, callbacks=[c() for c in callbacks], task_options={**task_options, "cuda_graph": True},
-        **gpu,
-    )  # fmt: skip
-    assert graphs and all(g.graph is not None for g in graphs)  # captured, then replayed
-    assert len(graphs) == (2 if callbacks else 1)  # captured again once a layer froze
+        8, callbacks=[c() for c in callbacks], task_options=task_options, cuda_graph=True, **gpu
+    )
+    (graph,) = graphs
+    assert graph.captures == (2 if callbacks else 1)  # captured again once a layer froze
     assert_same_training(eager, graphed)
     assert graphed_metrics == pytest.approx(eager_metrics, abs=1e-5)
 
@@ -184,10 +189,10 @@ def test_cuda_graph_replays_train_as_the_eager_fast_path(case, graphs):
 def digits_fit(graph: bool, **net_options) -> dict:
     seed_everything(3)
     net = partial(MLP, hidden_sizes=[64], **net_options)
-    task = Classifier(net, num_features=64, num_classes=10, optimizer=torch.optim.SGD, lr=0.05,
-                      cuda_graph=graph)  # fmt: skip
+    task = Classifier(net, num_features=64, num_classes=10, optimizer=torch.optim.SGD, lr=0.05)
     trainer = Trainer(accelerator="gpu", devices=1, max_epochs=5, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[FastPath(cuda_graph=graph)])  # fmt: skip
     trainer.fit(task, DigitsDataModule(batch_size=16, chunk=8, on_device=True))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -202,7 +207,7 @@ def test_cuda_graph_with_batch_norm_replays_its_statistics_and_dropout_trains():
 
 @needs_mnist
 def test_the_seed_config_with_cuda_graph_matches_the_eager_gpu_run(fits, tmp_path):
-    run = mnist_fit(tmp_path, *GPU, "--data.on_device", "true", "--model.cuda_graph", "true")
+    run = mnist_fit(tmp_path, *GPU, "--data.on_device", "true", "--fast_path.cuda_graph", "true")
     eager = fits["on device"][1].data.metrics
     for key in ("train/loss", "val/loss", "test/acc"):
         assert run.data.metrics[key] == pytest.approx(eager[key], abs=2e-3), key
@@ -221,8 +226,9 @@ class Synced(nn.Module):
 
 def test_a_step_that_cannot_be_captured_is_one_line():
     # last in the file: a failed capture is the one test that could leave CUDA unwell
-    task = Classifier(Synced, num_features=64, num_classes=10, cuda_graph=True)
+    task = Classifier(Synced, num_features=64, num_classes=10)
     trainer = Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
-    with pytest.raises(UserError, match="model.cuda_graph: the training step cannot be captured"):
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[FastPath(cuda_graph=True)])  # fmt: skip
+    with pytest.raises(UserError, match="fast_path.cuda_graph: the forward pass cannot be captur"):
         trainer.fit(task, DigitsDataModule(batch_size=16, chunk=8, on_device=True))

@@ -213,7 +213,7 @@ def test_the_cnn_config_trains_and_its_logged_model_serves_flat_images(tmp_path,
           "--data.val_size", "20", "--data.verify", "false",
           "--trainer.max_epochs", "1"])  # fmt: skip
     (run,) = mlflow.search_runs(experiment_names=["mnist_cnn"], output_format="list")
-    assert run.data.params["model.net"] == "my_project.models.cnn.ConvNet"
+    assert run.data.params["model.net"] == "my_project.models.ConvNet"
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, 784)
     probabilities = np.asarray(model.predict(np.random.rand(3, 784).astype(np.float32)))

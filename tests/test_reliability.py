@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from conftest import config, epochs_logged, experiment_runs, run_in_store, run_mlplab, store_uri
 from mlplab.main import main
+from mlplab.safety import metadata
 from my_project.data import XORDataModule
 from my_project.models import MLP, Classifier
 
@@ -153,7 +154,7 @@ def test_an_epoch_checkpointed_but_not_yet_in_mlflow_is_written_on_resuming(tmp_
     client, (run,) = experiment_runs(uri, "moons")
     last = tmp_path / "mlruns" / "moons" / run.info.run_id / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
-    unwritten = checkpoint["mlplab_unwritten"]
+    unwritten = checkpoint[metadata.UNWRITTEN]
     assert {"train/loss", "val/loss", "epoch"} <= set(unwritten["metrics"])
     # as if the job had died before its last write: a fresh run holding epochs 0-1 only
     fresh = client.create_run(run.info.experiment_id).info.run_id
@@ -161,7 +162,7 @@ def test_an_epoch_checkpointed_but_not_yet_in_mlflow_is_written_on_resuming(tmp_
         for point in client.get_metric_history(run.info.run_id, metric):
             if point.step < unwritten["step"]:
                 client.log_metric(fresh, metric, point.value, step=point.step)
-    checkpoint["mlflow_run_id"] = fresh
+    checkpoint[metadata.RUN_ID] = fresh
     torch.save(checkpoint, last)
     run_in_store(tmp_path, *MOONS[:3], "--trainer.max_epochs", "5", "--ckpt_path", "last",
                  "--test_after_fit", "false")  # fmt: skip
@@ -198,7 +199,8 @@ def xor_checkpoint(tmp_path_factory):
     """A real XOR checkpoint, trained for a few steps (what it predicts does not matter)."""
     tmp = tmp_path_factory.mktemp("ckpt")
     trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[metadata.CheckpointMetadata()])  # fmt: skip
     task = Classifier(partial(MLP, hidden_sizes=[4]), num_features=2, num_classes=2)
     trainer.fit(task, XORDataModule())
     path = tmp / "xor.ckpt"

@@ -184,8 +184,9 @@ def test_the_right_credentials_fit_and_sweep(server, clients, admin, monkeypatch
 
 
 def test_an_added_account_sees_nothing_until_granted(server, admin, monkeypatch):
-    """The README's recipe: the admin adds an account with MLflow's AuthServiceClient; it reads
-    none of the admin's runs (NO_PERMISSIONS) until the admin grants it READ."""
+    """The recipe of docs/CLUSTER.md: the admin adds an account with MLflow's
+    AuthServiceClient; it reads none of the admin's runs (NO_PERMISSIONS) until the admin
+    grants it READ."""
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 

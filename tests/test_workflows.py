@@ -186,6 +186,8 @@ def test_onnx_export_matches_the_checkpoint(name, tmp_path, capsys):
     import torch
     from lightning.pytorch import Trainer
 
+    from mlplab.safety.metadata import CheckpointMetadata
+    from mlplab.serving import inference_module
     from my_project.models import MLP, Classifier
 
     net = partial(MLP, hidden_sizes=[32, 16], batch_norm=name != "xor",
@@ -197,7 +199,8 @@ def test_onnx_export_matches_the_checkpoint(name, tmp_path, capsys):
         if isinstance(module, torch.nn.BatchNorm1d):
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      callbacks=[CheckpointMetadata()])  # fmt: skip
     trainer.strategy.connect(task)
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
@@ -206,7 +209,7 @@ def test_onnx_export_matches_the_checkpoint(name, tmp_path, capsys):
     assert "ONNX Runtime matches the checkpoint" in capsys.readouterr().err
     session = onnxruntime.InferenceSession(str(output))
     x = np.random.default_rng(1).standard_normal((5, task.hparams.num_features), np.float32)
-    expected = task.inference_module()(torch.from_numpy(x)).detach().numpy()
+    expected = inference_module(task)(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], expected,
                                atol=1e-5)  # fmt: skip
 

@@ -66,6 +66,7 @@ def pip(args: list[str]) -> None:
     command = [sys.executable, "-m", "pip", "-q", *args]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
+        # pip's own error lines, for the message (pip runs as a command: text is all it says)
         errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
         sys.exit(f"carry.py: error: pip {args[0]} failed: {(errors or [done.stderr.strip()])[-1]}")
 

@@ -42,7 +42,7 @@ for step in $steps; do
         bench) "$python" bench/gpu.py --out "$figures/bench.md" || status=1 ;;
         reproduce)
             # shellcheck disable=SC2086  # the extra arguments split as words
-            "$python" -m mlplab reproduce --output "$figures/RESULTS.md" ${REPRODUCE_ARGS:-} \
+            "$python" -m mlplab reproduce --experiments my_project.experiments --output "$figures/RESULTS.md" ${REPRODUCE_ARGS:-} \
                 --trainer.accelerator gpu --data.on_device true || status=1 ;;
     esac
 done

@@ -20,7 +20,9 @@ class RunKilled(Exception):
     FAILED, with this message as the `mlplab.failure` tag."""
 
 
-# the lines of jsonargparse's nested report that only say where the cause sits
+# the lines of jsonargparse's nested report that only say where the cause sits. jsonargparse
+# reports a nested mistake only as text (TypeErrors `Parser key "x": ...` wrapping each other):
+# no attribute names the key or the cause, so `parse_cause` reads the message
 NESTING = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value",
            "Problem with given class_path", "Expected a <class 'NoneType'>")  # fmt: skip
 
@@ -54,18 +56,29 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, say_mistake(self.prog, message))
 
 
+SQLITE_FULL = 13  # SQLite's primary result code for "database or disk is full"
+
+
 def disk_full(err: BaseException) -> str | None:
-    """Where in `err`'s chain a write found no space (SQLite says "database or disk is full",
-    the OS ENOSPC), as a line to show; None if it did not. SQLite rolls the write back: the
-    store keeps every earlier run."""
-    seen = set()
+    """Where in `err`'s chain a write found no space (SQLite's SQLITE_FULL, "database or disk
+    is full", the OS ENOSPC), as a line to show; None if it did not. SQLite rolls the write back:
+    the store keeps every earlier run."""
+    chain, seen = [], set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return f"no space left on the device ({err.filename or err.strerror})"
-        if "database or disk is full" in str(err):
-            return "no space left for the MLflow store (SQLite: database or disk is full)"
+        chain.append(err)
         err = err.__cause__ or err.__context__
+    said = "no space left for the MLflow store (SQLite: database or disk is full)"
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return f"no space left on the device ({cause.filename or cause.strerror})"
+        if (getattr(cause, "sqlite_errorcode", 0) or 0) & 0xFF == SQLITE_FULL:  # sqlite3, 3.11 on
+            return said
+    # SQLite's words where no code came with them: Python 3.10's sqlite3 has none (bpo-16379),
+    # and a tracking server relays its store's error as MLflow's message alone
+    if not any(hasattr(cause, "sqlite_errorcode") for cause in chain):
+        if any("database or disk is full" in str(cause) for cause in chain):
+            return said
     return None
 
 
@@ -89,6 +102,8 @@ def refused(err: BaseException) -> str | None:
         if status == 401:
             return CREDENTIALS_REFUSED
         if status == 403:
+            # MLflow keeps a non-JSON answer's body (MLflow's own "Permission denied", its
+            # Host-header check) only in its message: no attribute holds it
             said = re.search(r"Response body: '([^'\n]{1,200})", str(err))
             reason = said.group(1).strip() if said else "permission denied"
             advice = (

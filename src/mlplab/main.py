@@ -20,6 +20,7 @@ COMMANDS = {
     "reproduce": "mlplab.commands.reproduce",
     "sync": "mlplab.tracking.journal",
     "server": "mlplab.tracking.server",
+    "new": "mlplab.commands.new",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -42,6 +43,7 @@ mlplab's commands:
   reproduce  every seed experiment, written to docs/RESULTS.md
   sync       send what runs kept while their tracking server was away
   server     an MLflow tracking server on loopback (PostgreSQL or SQLite)
+  new        a project of your own: the template's package and configs under a new name
 
 `mlplab COMMAND --help` lists a command's options, e.g. `mlplab fit --help`.
 """
@@ -52,6 +54,8 @@ def _quiet() -> None:
     import logging
     import warnings
 
+    # by message: these warnings have no category of their own (Lightning's PossibleUserWarning,
+    # UserWarning, FutureWarning carry advice that should show), and Python filters by message
     for message in (
         r".*does not have many workers",  # batches are tensor slices: workers would only add IPC
         r".*smaller than the logging interval",  # mlplab logs per epoch
@@ -66,8 +70,11 @@ def _quiet() -> None:
     # and Lightning's lines of a later fit (a search's next trial) are not doubled as "INFO:..."
     logging.getLogger().addHandler(logging.NullHandler())
     # MLflow logs each database error with its traceback, then raises it: the raised one is
-    # what mlplab reports (a full disk in one line, anything else as it is)
+    # what mlplab reports (a full disk in one line, anything else as it is). Its internal
+    # module's logger: MLflow has no public switch for one module's lines
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # Lightning's advertisements ("💡 Tip: ... litmodels/litlogger"), by their text: no switch
+    # silences them (Lightning-AI/pytorch-lightning#21294)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith("💡 Tip")
     )

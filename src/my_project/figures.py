@@ -1,17 +1,20 @@
 """Figures as callbacks: list them under `trainer.callbacks` in a config to have them logged.
 
 Each draws with matplotlib's object API (no pyplot, no display needed) and logs a PNG to the
-MLflow run under `figures/`. Without an MLflow logger (e.g. `fast_dev_run`) they draw nothing.
+MLflow run under `figures/`. Without an MLflow logger (e.g. `fast_dev_run`) they draw nothing;
+a figure the run's data or model cannot give (data not held in memory as an `ArrayDataModule`
+holds it, inputs that are not 2-D points, no test split) is skipped with one line saying why.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import sys
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from mlplab.serving import working_inference_module
 from mlplab.tracking.logger import MLflowRunLogger
 
 
@@ -22,6 +25,16 @@ def _mlflow(trainer: Trainer) -> MLflowRunLogger | None:
 
 def _log(logger: MLflowRunLogger, figure, name: str) -> None:
     logger.experiment.log_figure(logger.run_id, figure, f"figures/{name}.png")
+
+
+def _split(trainer: Trainer, split: str, figure: str):
+    """(features, targets) of a split the datamodule holds in memory, else None and one line."""
+    data = getattr(trainer.datamodule, "data", None)
+    if isinstance(data, dict) and split in data:
+        return data[split][:2]
+    print(f"mlplab: no {figure} figure: {type(trainer.datamodule).__name__} holds no {split} "
+          "split in memory (an ArrayDataModule's `data`)", file=sys.stderr)  # fmt: skip
+    return None
 
 
 def _class_names(datamodule, n: int) -> list[str]:
@@ -37,11 +50,16 @@ class SampleImages(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _mlflow(trainer)
         shape = getattr(trainer.datamodule, "image_shape", None)
-        if logger is None or shape is None:
+        if logger is None:
+            return
+        if shape is None:
+            print("mlplab: no samples figure: the data has no image_shape", file=sys.stderr)
+            return
+        if (split := _split(trainer, "train", "samples")) is None:
             return
         from matplotlib.figure import Figure
 
-        x, y = trainer.datamodule.data["train"][:2]
+        x, y = split
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[: self.n]
         names = _class_names(trainer.datamodule, int(y.max()) + 1)
         side = math.ceil(math.sqrt(len(pick)))
@@ -96,20 +114,26 @@ class ConfusionMatrix(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _mlflow(trainer)
         datamodule = trainer.datamodule
-        if logger is None or "test" not in getattr(datamodule, "data", {}):
+        if logger is None:
             return
-        if not hasattr(pl_module, "metric_inputs"):  # not an mlplab task: no hard labels
+        if not hasattr(pl_module, "num_classes"):
+            print("mlplab: no confusion_matrix figure: the model is no classifier (num_classes)",
+                  file=sys.stderr)  # fmt: skip
+            return
+        if (split := _split(trainer, "test", "confusion_matrix")) is None:
             return
         from matplotlib.figure import Figure
         from sklearn.metrics import ConfusionMatrixDisplay
 
-        x, y = datamodule.data["test"][:2]
+        x, y = split
         training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
             logits = torch.cat([pl_module(b.to(pl_module.device)) for b in x.split(4096)])
         pl_module.train(training)
-        predicted, _ = pl_module.metric_inputs(logits, y)
+        outputs = pl_module.output(logits)  # one unit: above 0.5; several: the largest
+        binary = outputs.shape[1] == 1
+        predicted = (outputs.squeeze(1) > 0.5).long() if binary else outputs.argmax(1)
         names = _class_names(datamodule, pl_module.num_classes)
         figure = Figure(
             figsize=(1.0 + 0.6 * len(names), 0.6 + 0.6 * len(names)), layout="constrained"
@@ -132,11 +156,17 @@ class DecisionBoundary(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _mlflow(trainer)
-        if logger is None or trainer.datamodule.num_features != 2:
+        if logger is None:
+            return
+        if getattr(trainer.datamodule, "num_features", None) != 2:
+            print("mlplab: no decision_boundary figure: the inputs are not 2-D points",
+                  file=sys.stderr)  # fmt: skip
+            return
+        if (split := _split(trainer, "train", "decision_boundary")) is None:
             return
         from matplotlib.figure import Figure
 
-        x, y = trainer.datamodule.data["train"][:2]
+        x, y = split
         lo, hi = x.min(0).values - self.margin, x.max(0).values + self.margin
         g0, g1 = torch.meshgrid(
             torch.linspace(lo[0], hi[0], self.resolution),
@@ -144,10 +174,7 @@ class DecisionBoundary(Callback):
             indexing="xy",
         )
         grid = torch.stack([g0.flatten(), g1.flatten()], dim=1)  # (R*R, 2)
-        if hasattr(pl_module, "inference_module"):
-            module = pl_module.inference_module()
-        else:  # any LightningModule: its forward on a copy
-            module = copy.deepcopy(pl_module).cpu().eval()
+        module = working_inference_module(pl_module, grid[:2])  # a copy: raw inputs, outputs
         with torch.no_grad():
             out = module(grid)
         figure = Figure(figsize=(5.5, 4.5), layout="constrained")

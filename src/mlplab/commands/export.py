@@ -27,12 +27,16 @@ def export_onnx(checkpoint: str, output: Path, tolerance: float = 1e-5) -> float
     except ImportError:
         raise UserError("ONNX export needs the onnx extra: pip install 'mlplab[onnx]'") from None
     from mlplab.commands.predict import Predictor
-    from my_project.models.tasks import Task
+    from mlplab.safety import metadata
+    from mlplab.serving import inference_module
 
     Predictor(checkpoint)  # the one-line errors for a missing or foreign file
-    task = Task.from_checkpoint(checkpoint)
-    module = task.inference_module()
-    width = task.hparams.num_features
+    task = metadata.load_module(checkpoint)
+    module = inference_module(task)
+    width = task.hparams.get("num_features")
+    if width is None:
+        raise UserError(f"{checkpoint}: {type(task).__name__} has no num_features setting to "
+                        "give the exported model its input width")  # fmt: skip
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(
         module, (torch.zeros(2, width),), dynamic_shapes=({0: batch},), dynamo=True, verbose=False

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mlplab.data.base import described_outputs
 from mlplab.errors import CommandParser, UserError
+from mlplab.safety.metadata import described_outputs
 from mlplab.safety.trust import add_weights_only_argument, trust_from_arguments
 from mlplab.tracking.store import output_folder
 
@@ -54,10 +54,8 @@ def read_features(path: Path) -> np.ndarray:
                                 "numpy.save, or give CSV")  # fmt: skip
         try:
             x = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            if "pickled" not in str(err):
-                raise UserError(f"{path} is not a numeric .npy array ({err})") from None
-            raise UserError(f"{path} holds Python objects, not numbers") from None
+        except ValueError as err:  # an object array, a header NumPy cannot read
+            raise UserError(f"{path} is not a numeric .npy array ({err})") from None
         except (OSError, EOFError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"{path} is not a numeric .npy array ({reason})") from None
@@ -145,26 +143,26 @@ class Predictor:
     def load_checkpoint(self, ref: str) -> None:
         if not Path(ref).is_file():
             raise UserError(f"checkpoint {ref} does not exist")
-        from my_project.models.tasks import Task
+        from mlplab.safety import metadata
 
         try:
-            task = Task.from_checkpoint(ref)
+            task = metadata.load_module(ref)
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
             raise UserError(
                 f"{ref} is not an mlplab checkpoint ({type(err).__name__}: {err})"
             ) from None
-        from mlplab.safety.trust import read_checkpoint
-
         # written before mlplab named outputs: at least a classifier's classes are numbered
-        self.names = read_checkpoint(ref).get("mlplab_outputs") or described_outputs(None, task)
-        self.width = task.hparams.num_features
+        self.names = metadata.outputs(ref) or described_outputs(None, task)
+        self.width = task.hparams.get("num_features")
         if self.names.get("encoding"):
             from mlplab.data.columns import ColumnEncoding
 
             self.encoding = ColumnEncoding.from_dict(self.names["encoding"])
-        module = task.inference_module()
+        from mlplab.serving import inference_module
+
+        module = inference_module(task)
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():

@@ -78,8 +78,6 @@ def point_name(point: dict) -> str:
 def open_parent(client, uri, experiment, name, key_tag, key, command, params) -> str:
     """A parent run found by its key (`key_tag`), so that running the same sweep or search
     again continues it; else a new one with `params`."""
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
     experiment_id = ensure_experiment(client, experiment, uri)
     earlier = client.search_runs(
         [experiment_id], f"tags.`{key_tag}` = '{key}'", order_by=["start_time DESC"]
@@ -89,8 +87,8 @@ def open_parent(client, uri, experiment, name, key_tag, key, command, params) ->
         client.update_run(run_id, status="RUNNING")
         print(f"mlplab: continuing {command} {name} (parent run {run_id})", file=sys.stderr)
         return run_id
-    tags = {MLFLOW_RUN_NAME: name, key_tag: key, "mlplab.command": command}
-    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    tags = {key_tag: key, "mlplab.command": command}
+    run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
     for param, value in params.items():
         client.log_param(run_id, param, str(value)[:6000])
     return run_id

@@ -7,10 +7,10 @@ from typing import ClassVar
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mlplab.errors import UserError
+from mlplab.speed.fast_path import chunk_size
 
 # features (N, F) float32, targets (N,) int64 or (N, T) float32, and optionally per-sample
 # weights (N,) float32 that scale each sample's loss
@@ -37,13 +37,13 @@ class TensorsDataset(Dataset):
         return tuple(t[index] for t in self.tensors)
 
     def __getitems__(self, indices: list[int]):
-        """(x, y[, w]) for these indices; with `split_size`, each as a tuple of consecutive
-        batches of that size: a chunk the task steps through one batch at a time."""
+        """(x, y[, w]) for these indices; with `split_size`, a chunk: a list of consecutive
+        batches (x, y[, w]) of that size, which the fast path steps through one at a time."""
         index = torch.as_tensor(indices, device=self.tensors[0].device)
         picked = tuple(t[index] for t in self.tensors)
-        return (
-            picked if self.split_size is None else tuple(t.split(self.split_size) for t in picked)
-        )
+        if self.split_size is None:
+            return picked
+        return list(zip(*(t.split(self.split_size) for t in picked), strict=True))
 
 
 class ShardSampler(DistributedSampler):
@@ -73,10 +73,11 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
     `batch_size` is the optimisation batch of one device (0: the whole split); under DDP each
     step sees `batch_size * world_size` samples, unless `global_batch` splits `batch_size` over
     the devices so a config trains with the same batch on any device count. `chunk` above 1 is
-    the fast path (`mlplab.speed`): training batches reach the task `chunk` at a time, drawn
-    from one shuffled order, so the optimiser sees exactly the batches a plain loader of
-    `batch_size` gives while Lightning's per-step overhead is paid once per chunk; evaluation
-    then uses batches of `batch_size * chunk` (the same metrics, sooner). `on_device` keeps the
+    the fast path (`mlplab.speed.fast_path`, which decides whether this run may take it):
+    training batches come `chunk` at a time, drawn from one shuffled order, so the optimiser
+    sees exactly the batches a plain loader of `batch_size` gives while Lightning's per-step
+    overhead is paid once per chunk; evaluation then uses batches of `batch_size * chunk`
+    (the same metrics, sooner). `on_device` keeps the
     tensors on the accelerator (no copy per batch); otherwise CUDA batches come from pinned
     memory.
     """
@@ -105,7 +106,6 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
         self.chunk = chunk
         self.on_device = on_device
         self.global_batch = global_batch
-        self.chunked = False  # decided in `setup`, when the trainer is known
         self.data: dict[str, Split] = {}
 
     @abc.abstractmethod
@@ -118,19 +118,6 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         if self.on_device and device is not None:
             self.data = {k: tuple(t.to(device) for t in split) for k, split in self.data.items()}
-        if self.trainer is not None:
-            self.chunked = self.chunk > 1 and not self.fast_path_blocked(stage)
-
-    def fast_path_blocked(self, stage: str | None) -> bool:
-        from mlplab.speed.fast_path import blockers
-
-        found = blockers(self.trainer, self.trainer.lightning_module)
-        if found and stage == "fit":  # evaluation alone only loses its large batches
-            rank_zero_info(
-                f"mlplab: data.chunk {self.chunk} is off for this run ({', '.join(found)} "
-                "needs single batches): one batch per Lightning step"
-            )
-        return bool(found)
 
     def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-feature mean and std of the training split (std of constant features set to 1)."""
@@ -152,15 +139,17 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
         world = self.trainer.world_size if self.trainer is not None else 1
         whole = self.batch_size <= 0 or self.batch_size >= len(x)
         batch_size = max(len(x), 1) if whole else self.device_batch_size(world)
-        chunked = train and self.chunked
-        dataset = TensorsDataset(*self.data[split], split_size=batch_size if chunked else None)
+        chunk = chunk_size(self.trainer)  # 1 where the fast path is off for this run
+        dataset = TensorsDataset(
+            *self.data[split], split_size=batch_size if train and chunk > 1 else None
+        )
         cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         sampler = None
         if world > 1 and not train:  # training gets Lightning's DistributedSampler
             sampler = ShardSampler(dataset, num_replicas=world, rank=self.trainer.global_rank)
         return DataLoader(
             dataset,
-            batch_size=batch_size * self.chunk if self.chunked and not whole else batch_size,
+            batch_size=batch_size * chunk if not whole else batch_size,
             shuffle=train,
             sampler=sampler,
             collate_fn=_batch_as_is,
@@ -193,20 +182,4 @@ class ArrayDataModule(LightningDataModule, abc.ABC):
 def batch_size(batch) -> int:
     """How many samples a batch holds, a chunk of batches included: the `batch_size_fn` for
     Lightning's `ThroughputMonitor` (`mlplab.data.base.batch_size`)."""
-    x = batch[0]
-    return sum(len(b) for b in x) if isinstance(x, tuple) else len(x)
-
-
-def described_outputs(datamodule, task=None) -> dict:
-    """What names a model's outputs and encodes its inputs, from the data it trained on (a
-    classifier's classes are numbered where the data does not name them): kept in checkpoints
-    and logged models, so predictions come back as named columns."""
-    encoding = getattr(datamodule, "encoding", None)
-    class_names = getattr(datamodule, "class_names", None)
-    if class_names is None and hasattr(task, "num_classes"):
-        class_names = [str(i) for i in range(task.num_classes)]
-    return {
-        "class_names": class_names,
-        "target_names": getattr(datamodule, "target_names", None),
-        "encoding": encoding.to_dict() if encoding is not None else None,
-    }
+    return sum(len(b[0]) for b in batch) if isinstance(batch, list) else len(batch[0])

@@ -1,6 +1,6 @@
 """Which checkpoint a `fit` resumes from, and so which MLflow run it continues.
 
-The run id travels in every checkpoint (`Task.on_save_checkpoint`); the logger must know it
+The run id travels in every checkpoint (`mlplab.safety.metadata`); the logger must know it
 before Lightning opens the run, that is before the checkpoint is restored, so it is resolved here.
 """
 
@@ -14,12 +14,8 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mlplab.errors import UserError
+from mlplab.safety import metadata
 from mlplab.safety.trust import read_checkpoint
-
-
-def run_id_in_checkpoint(path: str | Path) -> str | None:
-    """The MLflow run a checkpoint was written by (`Task.on_save_checkpoint` records it)."""
-    return read_checkpoint(path).get("mlflow_run_id")
 
 
 def check_fits(path: str | Path, model: torch.nn.Module) -> None:
@@ -93,7 +89,7 @@ def resolve_resume(
         # Lightning writes it the moment the signal arrives, mid-epoch, and resuming mid-epoch
         # skips the rest of that epoch's work (its validation included). The run's last
         # end-of-epoch checkpoint costs at most one epoch and keeps the history whole.
-        run_id = run_id_in_checkpoint(path)
+        run_id = metadata.run_id(path)
         last = experiment_dir / str(run_id) / "checkpoints" / "last.ckpt"
         if run_id is not None and last.is_file():
             return str(last), last

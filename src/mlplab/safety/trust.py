@@ -10,7 +10,7 @@ allow-list. Lightning's own reads get `weights_only=True` from the CLI.
 The data still names classes, which LightningCLI and jsonargparse import and build: the
 hyper-parameters' `class_path`s, the config a checkpoint carries, `mlplab_task`. Each must be a
 public class of a package mlplab is built on (`TRUSTED_PACKAGES`), of the project's own
-packages (source under the working directory, `project_package`), or of a module already
+packages (beside mlplab in the project's src/, `project_package`), or of a module already
 imported (as Lightning 2.6.6 asks of `_class_path`, CVE-2026-58659), and a network, optimizer,
 scheduler, metric, datamodule or part of a Trainer (`buildable`): jsonargparse builds a
 `class_path` wherever a setting is typed `Any`, so the kind is checked, not only the place. A
@@ -178,13 +178,14 @@ def _importable(name: str) -> bool:
 @functools.cache
 def project_package(top: str) -> bool:
     """Whether `top` is one of the project's own packages (`my_project`, or one `mlplab new`
-    made): its source lies under the working directory, outside any installed environment. Its
-    classes are as trusted as mlplab's; a checkpoint cannot put code there."""
+    made): a package beside mlplab in the project's source folder (src/, installed editable).
+    Its classes are as trusted as mlplab's. An installed mlplab (site-packages) has no such
+    neighbours; a module that merely lies in the working directory is not trusted."""
+    source = Path(__file__).resolve().parents[2]  # src/, holding mlplab/
     spec = importlib.util.find_spec(top) if top.isidentifier() else None
-    if spec is None or spec.origin is None:
+    if "site-packages" in source.parts or spec is None or spec.origin is None:
         return False
-    origin = Path(spec.origin).resolve()
-    return origin.is_relative_to(Path.cwd().resolve()) and "site-packages" not in origin.parts
+    return Path(spec.origin).resolve().parent.parent == source
 
 
 @functools.cache

@@ -1,24 +1,23 @@
-"""`model.cuda_graph`: the fast path's per-batch forward and backward as one CUDA graph replay.
+"""`--fast_path.cuda_graph`: each full batch's forward and backward pass as one CUDA graph replay.
 
 At batch 32 a small MLP on a GPU is bound by kernel launches: each of the ~30 kernels of a
-forward and backward pass costs more in Python and the CUDA driver than on the GPU. Captured
-once (`torch.cuda.graph`) and replayed for every full batch, they are one launch. Only the
-forward pass, loss and backward pass are captured: the optimiser step, gradient clipping,
-accumulation and schedulers stay eager in `Task.chunk_step`, through Lightning's own calls, so
-steps are still optimiser steps and any optimiser works. The gradients are kept allocated
-(`zero_grad(set_to_none=False)`), so the captured backward pass adds into the same tensors that
-the eager optimiser reads.
+forward and backward pass costs more in Python and the CUDA driver than on the GPU. The
+module's forward pass, and its backward pass, are captured once with PyTorch's
+`torch.cuda.make_graphed_callables` and replayed for every full training batch; the loss, the
+metrics, the optimiser step, clipping, accumulation and schedulers stay eager (the fast path's
+`training_step`), so steps are still optimiser steps and any optimiser works. The first
+`warmup` full batches of a fit are ordinary eager steps on a side stream (as CUDA graphs ask),
+and the capture itself runs nothing, so the trained weights are those of eager steps. A batch
+of another shape (an epoch's last), evaluation, and a module in eval mode run eagerly.
 
-A graph replays fixed memory: when anything it reads is replaced between epochs (a callback
-freezing or unfreezing layers, replacing buffers or freeing the gradients), the task captures
-again. What a graph cannot replay is refused in one line (`blockers`): a device other than
-CUDA, several devices, a precision other than 32-bit (loss scaling and autocast caches act
-between kernels), single batches (no chunks to replay over), and backward hooks.
+A graph replays fixed memory: when a parameter is replaced, frozen or unfrozen between epochs
+(a fine-tuning callback), the forward pass is captured again. What a graph cannot replay is
+refused in one line (`blockers`): a device other than CUDA, several devices, a precision other
+than 32-bit (loss scaling and autocast caches act between kernels), single batches, backward
+hooks.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -29,17 +28,14 @@ from torch import nn
 
 from mlplab.errors import UserError
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]
-
 BACKWARD_HOOKS = ("on_before_backward", "backward", "on_after_backward")
 
 
-def blockers(trainer: Trainer, module: LightningModule, chunk: int) -> list[str]:
-    """Why this run's per-batch step cannot be a graph replay (empty: it can)."""
-    from mlplab.speed.fast_path import (
-        blockers as chunks_off,  # it imports the task, which imports this
-    )
-
+def blockers(
+    trainer: Trainer, module: LightningModule, chunk: int, chunks_off: list[str]
+) -> list[str]:
+    """Why this run's batches cannot be graph replays (empty: they can). `chunks_off`: what
+    turns the fast path off for this run (`mlplab.speed.fast_path.blockers`)."""
     found = []
     device = trainer.strategy.root_device
     if device.type != "cuda":
@@ -50,101 +46,89 @@ def blockers(trainer: Trainer, module: LightningModule, chunk: int) -> list[str]
         found.append(f"it captures 32-bit steps, not trainer.precision {trainer.precision}")
     if chunk <= 1:
         found.append("it replays over the fast path's chunks: set data.chunk above 1")
-    elif off := chunks_off(trainer, module):
-        turn = "turns" if len(off) == 1 else "turn"
-        found.append(f"it replays over the fast path's chunks, which {', '.join(off)} {turn} off")
+    elif chunks_off:
+        turn = "turns" if len(chunks_off) == 1 else "turn"
+        found.append(
+            f"it replays over the fast path's chunks, which {', '.join(chunks_off)} {turn} off"
+        )
     if any(is_overridden(hook, module, LightningModule) for hook in BACKWARD_HOOKS):
         found.append(f"{type(module).__name__} overrides a backward hook")
     return found
 
 
-def refuse(trainer: Trainer, module: LightningModule, chunk: int) -> None:
+def refuse(trainer: Trainer, module: LightningModule, chunk: int, chunks_off: list[str]) -> None:
     """The one-line refusal, where `blockers` finds a reason."""
-    found = blockers(trainer, module, chunk)
+    found = blockers(trainer, module, chunk, chunks_off)
     if found:
-        raise UserError(f"model.cuda_graph: {'; '.join(found)} (or set it false)")
+        raise UserError(f"fast_path.cuda_graph: {'; '.join(found)} (or set it false)")
 
 
 def memory_in_use(module: nn.Module) -> tuple:
-    """What a captured step reads and writes, by address: parameters, their gradients, buffers,
-    and which parameters train and which modules are in training mode (`StepGraph`'s `key`)."""
-    params = [(p.data_ptr(), p.requires_grad, p.grad is not None and p.grad.data_ptr())
-              for p in module.parameters()]  # fmt: skip
+    """What a captured pass reads, by address: the parameters (and whether they train), the
+    buffers, and which modules are in training mode."""
+    params = [(p.data_ptr(), p.requires_grad) for p in module.parameters()]
     buffers = [b.data_ptr() for b in module.buffers()]
     return (*params, *buffers, *(m.training for m in module.modules()))
 
 
-class StepGraph:
-    """Calls `step(x, y, weight)` (forward, loss, backward; returns detached tensors) for every
-    batch: eagerly for the first `warmup` full batches (on a side stream, as CUDA graphs ask)
-    and for any batch of another shape (an epoch's last), then as a replay of the graph
-    captured on the next full batch, its inputs copied into the graph's own tensors.
+class GraphedForward:
+    """Stands in for `module.forward` (an attribute of the instance, until `remove`): eager
+    for the first `warmup` full training batches (on a side stream), then a replay of the
+    graphs `torch.cuda.make_graphed_callables` captures on the next one."""
 
-    The warm-up also allocates the gradients: the captured backward pass then adds into them
-    (it would otherwise write a gradient of its own that each replay overwrites)."""
-
-    def __init__(self, step: Step, key: Callable[[], tuple], warmup: int = 3) -> None:
-        """`key()`: what the captured step depends on (`memory_in_use`, settings baked in);
-        when it changes, the graph is stale."""
-        if warmup < 1:
-            raise ValueError(f"warmup must be at least 1 (it makes the gradients), got {warmup}")
-        self.step, self.key, self.warmup = step, key, warmup
+    def __init__(self, module: nn.Module, warmup: int = 3) -> None:
+        self.module, self.warmup = module, warmup
+        self.eager = type(module).forward.__get__(module)
         self.shape: torch.Size | None = None  # the full batch, set by the first batch
-        self.calls = 0  # full batches seen
+        self.calls = 0  # full training batches seen
+        self.graphed = None
+        self.captured_on: tuple = ()
         self.side: torch.cuda.Stream | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.captured_on: tuple = ()  # `key()` when captured
-        self.inputs: tuple[torch.Tensor | None, ...] = ()
-        self.outputs: tuple[torch.Tensor, ...] = ()
+        module.forward = self
 
-    def __call__(self, x, y, weight=None) -> tuple[torch.Tensor, ...]:
-        if self.shape is None:
-            self.shape = x.shape
+    def __call__(self, x, *args, **kwargs):
+        training = self.module.training and torch.is_grad_enabled()
+        if args or kwargs or not training or not isinstance(x, torch.Tensor):
+            return self.eager(x, *args, **kwargs)
+        self.shape = self.shape or x.shape
         if x.shape != self.shape:
-            return self.step(x, y, weight)
+            return self.eager(x)
         self.calls += 1
         if self.calls <= self.warmup:
-            return self.on_side_stream(x, y, weight)
-        if self.graph is None:
-            self.inputs = tuple(t if t is None else t.clone() for t in (x, y, weight))
-            self.captured_on = self.key()
-            self.capture()
-        else:
-            for static, t in zip(self.inputs, (x, y, weight), strict=True):
-                if static is not None:
-                    static.copy_(t)
-        self.replay()
-        return tuple(t.clone() for t in self.outputs)  # the next replay overwrites them
+            return self.on_side_stream(x)
+        if self.graphed is None:
+            self.capture(x)
+        return self.graphed(x)
 
-    def stale(self) -> bool:
-        """Whether what the graph reads has been replaced since it was captured."""
-        return self.graph is not None and self.key() != self.captured_on
+    def check(self) -> None:
+        """At an epoch's start: capture again if what the graph reads has been replaced."""
+        if self.graphed is not None and memory_in_use(self.module) != self.captured_on:
+            self.graphed = None
 
-    def on_side_stream(self, x, y, weight) -> tuple[torch.Tensor, ...]:
+    def on_side_stream(self, x):
         self.side = self.side or torch.cuda.Stream()
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            out = self.step(x, y, weight)
+            out = self.eager(x)
         torch.cuda.current_stream().wait_stream(self.side)
         return out
 
-    def capture(self) -> None:
-        """Record the step's kernels on the graph's inputs (capturing runs none of them)."""
-        self.graph = torch.cuda.CUDAGraph()
-        failure = None
+    def capture(self, x: torch.Tensor) -> None:
+        """Record the forward and backward kernels on a copy of `x` (capturing runs none of
+        them: no warm-up iterations, the eager batches before were the warm-up)."""
+        del self.module.forward  # the class's own, which the capture calls
         try:
-            with torch.cuda.graph(self.graph):
-                try:
-                    self.outputs = self.step(*self.inputs)
-                except RuntimeError as err:  # the cause; ending the capture then fails too
-                    failure = err
-        except RuntimeError as err:
-            failure = failure or err
-        if failure is not None:  # an operation that waits for the GPU, a shape from data
-            reason = str(failure).strip().splitlines()[0]
+            torch.cuda.make_graphed_callables(self.module, (x.clone(),), num_warmup_iters=0)
+        except RuntimeError as err:  # an operation that waits for the GPU, a shape from data
+            reason = str(err).strip().splitlines()[0]
             raise UserError(
-                f"model.cuda_graph: the training step cannot be captured ({reason}); set it false"
-            ) from failure
+                f"fast_path.cuda_graph: the forward pass cannot be captured ({reason}); set it "
+                "false"
+            ) from err
+        finally:
+            graphed = self.module.__dict__.pop("forward", None)
+            self.module.forward = self
+        self.graphed, self.captured_on = graphed, memory_in_use(self.module)
 
-    def replay(self) -> None:
-        self.graph.replay()
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)

@@ -42,8 +42,12 @@ def is_outage(err: BaseException) -> bool:
 
 
 def outage_reason(err: BaseException) -> str:
+    """A few words for the line that says the server is away (shown, never acted on)."""
     from mlplab.tracking.store import redact_uri
 
+    # the message, read for display only: urllib3 names a retried status only in text ("too
+    # many 503 error responses"), MLflow a non-JSON answer's status and a server's relayed OS
+    # error too ("error code 502", "[Errno 28] ..."); no attribute holds them
     text = redact_uri(str(err))
     for pattern in (r"\[Errno -?\d+\] ([^'\")]+)", r"(timed? ?out)", r"(\d{3}) error responses",
                     r"error code (\d{3})"):  # fmt: skip

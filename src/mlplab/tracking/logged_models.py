@@ -3,25 +3,72 @@ writer (at once, or from the journal when the tracking server is back), then reg
 
 from __future__ import annotations
 
-import copy
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from mlplab.data.base import described_outputs
+from mlplab.safety.metadata import described_outputs
 from mlplab.safety.trust import read_checkpoint
+from mlplab.serving import working_inference_module
 from mlplab.tracking.store import resolve_tracking_uri
 
 
 def input_example(datamodule, rows: int = 5) -> torch.Tensor:
-    """A few raw training inputs: the logged model's example and the source of its signature."""
+    """A few raw training inputs: the logged model's example and the source of its signature.
+
+    From mlplab's in-memory splits, else from the first batch of `train_dataloader()` (of the
+    datamodule, or of a module that has its own; the next batches too where it holds fewer than
+    `rows`), whatever its form: a tensor; a tuple or list (its first element); a dict (the value
+    of `x`, `input`, `inputs` or `image`, else its first tensor). A `ValueError` says what the
+    batch holds where no tensor of inputs is found."""
+    from collections.abc import Mapping, Sequence
+
+    def inputs(batch):
+        if isinstance(batch, torch.Tensor):
+            return batch if batch.dim() > 0 else None
+        if isinstance(batch, Mapping):
+            named = [batch[key] for key in ("x", "input", "inputs", "image") if key in batch]
+            for value in [*named, *batch.values()]:
+                if (found := inputs(value)) is not None:
+                    return found
+            return None
+        if isinstance(batch, Sequence) and not isinstance(batch, str | bytes) and batch:
+            return inputs(batch[0])
+        return None
+
+    def described(batch) -> str:
+        if batch is None:
+            return "none: the training loader is empty"
+        if isinstance(batch, Mapping):
+            return f"a dict of {', '.join(map(repr, batch))}"
+        if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+            kinds = ", ".join(type(item).__name__ for item in batch)
+            return f"a {type(batch).__name__} of {kinds or 'nothing'}"
+        return f"a {type(batch).__name__}"
+
     data = getattr(datamodule, "data", None)
-    if isinstance(data, dict) and "train" in data:
-        return data["train"][0][:rows]
-    batch = next(iter(datamodule.train_dataloader()))
-    return (batch[0] if isinstance(batch, list | tuple) else batch)[:rows]
+    if isinstance(data, dict) and isinstance(data.get("train"), tuple | list):
+        if (found := inputs(data["train"][0])) is not None:  # mlplab's splits: (x, y[, w])
+            return found[:rows]
+    loaders = datamodule.train_dataloader()
+    if isinstance(loaders, Mapping):  # several loaders: Lightning combines their batches
+        loaders = next(iter(loaders.values()), None)
+    elif isinstance(loaders, Sequence):
+        loaders = loaders[0] if loaders else None
+    batches = iter(loaders) if loaders is not None else iter(())
+    batch = next(batches, None)
+    found = inputs(batch)
+    if found is None:
+        raise ValueError(f"no tensor of inputs in a training batch ({described(batch)})")
+    parts = [found]
+    while sum(len(part) for part in parts) < rows:  # batches of one: the model takes several
+        more = inputs(next(batches, None))
+        if more is None or more.shape[1:] != found.shape[1:] or more.dtype != found.dtype:
+            break
+        parts.append(more)
+    return torch.cat(parts)[:rows] if len(parts) > 1 else found[:rows]
 
 
 def log_model(
@@ -33,8 +80,8 @@ def log_model(
     latest: str = "",
     register: tuple[str, str | None] | None = None,
 ) -> str | None:
-    """Log the module as an MLflow PyTorch model with signature and input example: its
-    `inference_module()` if it has one (raw inputs in, the task's outputs out), else itself.
+    """Log the module as an MLflow PyTorch model with signature and input example: raw inputs
+    in, its `predict_step`'s outputs out (`mlplab.serving`).
 
     `step` is the global step of the checkpoint the weights come from (`best`), so the logged
     model carries that epoch's metrics, and the run's test metrics beside them. The `latest`
@@ -50,19 +97,23 @@ def log_model(
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    if hasattr(module, "inference_module"):
-        inference = module.inference_module()
-    else:
-        inference = copy.deepcopy(module).cpu().eval()
-    example = input_example(datamodule).cpu().float()
     try:
+        example = input_example(datamodule).cpu().float()
+    except Exception as err:  # noqa: BLE001 - whatever the user's loader or batch does
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        if not isinstance(err, ValueError):  # not `input_example`'s own word
+            reason = f"no training batch for an example ({type(err).__name__}: {reason})"
+        print(f"mlplab: the model was not logged: {reason}", file=sys.stderr)
+        return None
+    try:
+        inference = working_inference_module(module, example)
         with torch.no_grad():
             output = inference(example)
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported
         print(
             f"mlplab: the model was not logged: {type(module).__name__}(x) fails on 5 training "
             f"inputs ({type(err).__name__}: {str(err).splitlines()[0][:120]}); give the module "
-            "a forward or an inference_module() that takes its raw inputs",
+            "a forward or a predict_step that takes a tensor of raw inputs",
             file=sys.stderr,
         )
         return None
@@ -201,14 +252,9 @@ def register_model(
 ) -> str:
     """Register a logged model in the Model Registry, pointing `alias` (e.g. `candidate`) at
     the new version; returns `models:/<name>/<version>`."""
-    import logging
-
     import mlflow
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    # MLflow announces each registration on this logger (a name, not an attribute: logging's
-    # public API); mlplab prints its own line below
-    logging.getLogger("mlflow.tracking._model_registry.client").setLevel(logging.WARNING)
     version = mlflow.register_model(model_uri, name)
     uri = f"models:/{name}/{version.version}"
     if alias:

@@ -14,10 +14,12 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+# Lightning's exceptions have no other import path (its API reference lists no module for them)
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mlplab.errors import RunKilled
-from mlplab.safety import interrupts
+from mlplab.safety import interrupts, metadata
 from mlplab.safety.checkpoints import latest_checkpoint
 from mlplab.tracking.journal import Journal, RunWriter
 from mlplab.tracking.store import (
@@ -222,9 +224,10 @@ class MLflowRunLogger(MLFlowLogger):
             self._finalize(status, reason)
         except Exception:  # noqa: BLE001
             # Ctrl-C inside an SQLite write leaves its transaction open ("database is locked"):
-            # drop the store's connections and write the status on a fresh one
-            engine = getattr(getattr(self._mlflow_client._tracking_client, "store", None),
-                             "engine", None)  # fmt: skip
+            # drop the store's connections and write the status on a fresh one. MLflow's client
+            # has no public way to release them (mlflow/mlflow#2650): its private store's engine
+            store = getattr(self.writer.client._tracking_client, "store", None)
+            engine = getattr(store, "engine", None)
             if engine is None:
                 raise
             engine.dispose()
@@ -368,7 +371,7 @@ class MLflowSaveConfig(SaveConfigCallback):
         self.params = None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["mlplab_config"] = self.config_text()
+        metadata.write_config(checkpoint, self.config_text())
 
 
 def log_datasets(logger: MLflowRunLogger, datamodule) -> None:

@@ -235,8 +235,12 @@ def set_admin(database_uri: str, username: str, password: str) -> None:
     import logging
 
     from mlflow.exceptions import MlflowException
+
+    # internal (see above): no public API sets the admin before the server starts
+    # (mlflow/mlflow#9695)
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
+    # the migration lines are said on MLflow's internal module's logger: no public switch
     quiet = [logging.getLogger(name) for name in ("alembic", "mlflow.store.db.utils")]
     levels = [logger.level for logger in quiet]
     store = SqlAlchemyStore()

@@ -154,8 +154,13 @@ def create_sqlite_store(database: Path) -> None:
     building = database.with_name(f".{database.name}.creating-{os.getpid()}")
     import logging
 
+    # MLflow's internal store class: its public client would give the default experiment
+    # `./mlruns` as artifact root (no public way to initialise a store: mlflow/mlflow#2113) and
+    # cannot let go of the file before it is moved into place (mlflow/mlflow#2650)
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    # MLflow says "Creating initial MLflow database tables..." on its internal module's logger: no
+    # public switch quiets one module of MLflow's
     quiet = [logging.getLogger(name) for name in ("alembic", "mlflow.store.db.utils")]
     levels = [logger.level for logger in quiet]
     try:

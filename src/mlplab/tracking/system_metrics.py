@@ -45,6 +45,8 @@ class SystemMetrics(Callback):
         if not isinstance(logger, MLflowRunLogger) or not trainer.is_global_zero:
             return
         if self.monitor is None:
+            # MLflow's internal monitor: its public switch starts it only for runs of
+            # `mlflow.start_run`, never for Lightning's (Lightning-AI/pytorch-lightning#20563)
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             # "Skip logging GPU metrics" on every CPU run: not news

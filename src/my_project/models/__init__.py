@@ -1,4 +1,10 @@
-from my_project.models.mlp import MLP, count_parameters
-from my_project.models.tasks import Classifier, Regressor, Task
+"""Networks (`nn.Module`s built with `in_features, out_features`) and the tasks that train them."""
 
-__all__ = ["MLP", "Classifier", "Regressor", "Task", "count_parameters"]
+from my_project.models.classifier import Classifier
+from my_project.models.cnn import ConvNet
+from my_project.models.mlp import MLP, count_parameters
+from my_project.models.regressor import Regressor
+from my_project.models.task import Task
+from my_project.models.threshold import ThresholdNet
+
+__all__ = ["MLP", "Classifier", "ConvNet", "Regressor", "Task", "ThresholdNet", "count_parameters"]

@@ -118,6 +118,7 @@ def count_parameters(module: nn.Module) -> tuple[int, int, int]:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
     for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+        norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+        if isinstance(layer, norms) and layer.track_running_stats:
             frozen += layer.running_mean.numel() + layer.running_var.numel()
     return trainable + frozen, trainable, frozen

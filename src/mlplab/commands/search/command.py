@@ -155,6 +155,7 @@ def as_list(value) -> list:
 
 def main(argv: list[str]) -> None:
     setup, args = settings(argv)
+    from mlplab.commands.search.outcome import record_outcome
     from mlplab.commands.search.study import PRUNERS, SAMPLERS, Search, component
 
     component(setup.sampler, SAMPLERS, "sampler")  # refused now, not after a study exists
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> None:
     check_storage(setup.storage, setup.tracking_uri)
     written = None if args.worker else check_config(setup)
     search = Search(setup)
-    search.run(args.workers, written, worker=args.worker)
+    search.run(args.workers, written, worker=args.worker, record=record_outcome)
     if not args.worker and not search.completed:
         sys.exit(1)  # every trial failed or was pruned: the search found nothing
 

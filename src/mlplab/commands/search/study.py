@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
+# Lightning's exceptions have no other import path (its API reference lists no module for them)
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
@@ -352,9 +354,12 @@ class Search:
         )
 
     # --- the whole search ----------------------------------------------------------------------
-    def run(self, workers: int, written: dict | None, worker: int = 0) -> optuna.Study:
+    def run(
+        self, workers: int, written: dict | None, worker: int = 0, record=None
+    ) -> optuna.Study:
         """Run trials here and in `workers - 1` more processes (`worker` 1, 2, ...); the first
-        process then records the outcome in the parent run."""
+        process then records the outcome in the parent run (`record(search, study)`: whether
+        any trial completed)."""
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # mlplab says each trial's outcome
         study = self.open_study(written, worker)
         self.parent = self.find_parent() if worker else self.open_parent()
@@ -363,10 +368,8 @@ class Search:
             self.optimize(study)
             for process in others:
                 process.wait()
-            if not worker:
-                from mlplab.commands.search.outcome import record_outcome
-
-                self.completed = record_outcome(self, study)
+            if not worker and record is not None:
+                self.completed = record(self, study)
         except BaseException as err:
             for process in others:
                 process.send_signal(signal.SIGTERM)
