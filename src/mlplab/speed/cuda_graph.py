@@ -98,7 +98,8 @@ class GraphedForward:
             return self.on_side_stream(x)
         if self.graphed is None:
             self.capture(x)
-        return self.graphed(x)
+        out = self.graphed(x)  # the graph's own output tensor, which the next replay overwrites
+        return out.clone() if isinstance(out, torch.Tensor) else out
 
     def check(self) -> None:
         """At an epoch's start: capture again if what the graph reads has been replaced."""

@@ -1,4 +1,4 @@
-"""Parts the tasks are built from: input standardisation and the epoch loss."""
+"""Parts the tasks are built from: input standardisation, the epoch loss, gathered updates."""
 
 from __future__ import annotations
 
@@ -31,9 +31,33 @@ class EpochMean(torchmetrics.Metric):
         self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, value: torch.Tensor, weight: float = 1.0) -> None:
-        self.total += value.float() * weight
-        self.weight += weight
+    def update(self, value: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
+        """A value and its weight, or (gathered) a vector of each."""
+        self.total += (value.float() * weight).sum()
+        self.weight += weight.sum() if isinstance(weight, torch.Tensor) else weight
 
     def compute(self) -> torch.Tensor:
         return self.total / self.weight
+
+
+class Gathered:
+    """Metric inputs of many batches gathered on the device and handed to `metrics.update` in
+    one call per `size` samples, and at `flush`: torchmetrics' cost per call (~0.1 ms on a CPU)
+    is as much as a small network's training step. The same results, sooner."""
+
+    def __init__(self, metrics: torchmetrics.MetricCollection, size: int = 16384) -> None:
+        self.metrics, self.size = metrics, size
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.count = 0
+
+    def update(self, *inputs: torch.Tensor) -> None:
+        self.parts.append(inputs)
+        self.count += len(inputs[-1])
+        if self.count >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.metrics.update(*(torch.cat(part) for part in zip(*self.parts, strict=True)))
+        self.parts, self.count = [], 0
+

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
 
 from mlplab.errors import UserError
-from my_project.models.components import EpochMean, Standardize
+from my_project.models.components import EpochMean, Gathered, Standardize
 
 # An optimizer class and its settings; the parameters and `lr` are given at construction, so the
 # config has one learning rate (`model.lr`) that survives a change of optimizer and that
@@ -76,6 +76,8 @@ class Task(LightningModule):
         self.val_metrics = chosen.clone(prefix="val/")
         self.test_metrics = chosen.clone(prefix="test/")
         self.train_loss, self.val_loss, self.test_loss = EpochMean(), EpochMean(), EpochMean()
+        # training updates one call per many batches (`Gathered`)
+        self.train_gathered = Gathered(self.train_metrics), Gathered(self.train_loss)
         # every sample evaluated once, summed over DDP ranks
         self.val_samples, self.test_samples = torchmetrics.SumMetric(), torchmetrics.SumMetric()
 
@@ -106,8 +108,13 @@ class Task(LightningModule):
         x, y, *weight = batch  # a third tensor: per-sample weights
         logits = self(x)
         loss = self.loss(logits, y, self.sample_weights(y, weight[0] if weight else None, stage))
-        getattr(self, f"{stage}_metrics").update(*self.metric_inputs(logits.detach(), y))
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(y))
+        inputs = self.metric_inputs(logits.detach(), y)
+        if stage == "train":
+            self.train_gathered[0].update(*inputs)
+            self.train_gathered[1].update(loss.detach().reshape(1), loss.new_full((1,), len(y)))
+        else:
+            getattr(self, f"{stage}_metrics").update(*inputs)
+            getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(y))
         if stage != "train":
             getattr(self, f"{stage}_samples").update(len(y))
         return loss
@@ -127,6 +134,9 @@ class Task(LightningModule):
     def log_epoch(self, stage: str) -> None:
         """The stage's loss and metrics (torchmetrics reduces them over DDP ranks), at the
         global step: every validation is its own point, runs compare on one axis."""
+        if stage == "train":
+            for gathered in self.train_gathered:
+                gathered.flush()
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         self.log_dict(getattr(self, f"{stage}_metrics"))
         if stage != "train":
