@@ -232,7 +232,9 @@ def test_boring_model_and_data_log_nothing_and_still_get_a_run_checkpoint_and_mo
     assert set(fit.run.data.metrics) <= {"epoch"}
     # no val/loss to rank by: Lightning's default, the latest checkpoint only
     assert fit.checkpoints == ["best-epoch=1.ckpt", "last.ckpt"]
-    assert fit.logged_models() == ["last", "model"]  # the best and last.ckpt
+    assert fit.logged_models() == ["model"]  # the best; both checkpoints are run artifacts
+    saved = {a.path for a in fit.client.list_artifacts(fit.run.info.run_id, "checkpoints")}
+    assert saved == {"checkpoints/best-epoch=1.ckpt", "checkpoints/last.ckpt"}
     assert f"mlplab: run {fit.run.info.run_id} (boring), model models:/" in fit.result.stdout
 
 
@@ -256,7 +258,7 @@ def test_a_module_with_its_own_metric_names_trains_keeps_the_latest_and_logs_a_m
     state = torch.load(backbone.checkpoint("best-epoch=1.ckpt"), weights_only=False)
     (kept,) = [v for k, v in state["callbacks"].items() if k.startswith("Checkpoint{")]
     assert kept["monitor"] is None and kept["best_model_path"].endswith("best-epoch=1.ckpt")
-    assert backbone.logged_models() == ["last", "model"]
+    assert backbone.logged_models() == ["model"]
     assert "valid_loss=" in backbone.result.stdout and "train_loss=" in backbone.result.stdout
 
 

@@ -113,6 +113,19 @@ def test_xor_reaches_all_four_points(xor_run):
     assert run.info.status == "FINISHED" and run.info.run_name == "xor-e2e"
 
 
+def test_run_records_where_it_comes_from(xor_run):
+    """The commit of the config's repository, the user, one source name, the config files, the
+    command line, and the config's header comment as the run's description."""
+    run, _ = xor_run
+    tags = run.data.tags
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert tags["mlplab.git.dirty"] in ("True", "False")
+    assert tags["mlflow.source.name"] == "mlplab fit" and tags["mlflow.user"]
+    assert tags["mlplab.configs"] == config("xor")
+    assert tags["mlplab.command_line"].startswith("mlplab fit --config ")
+    assert tags["mlflow.note.content"].startswith("Seed 000: 2-4-4-1 tanh network")
+
+
 def test_run_records_flattened_params_and_the_resolved_config(xor_run):
     run, _ = xor_run
     params = run.data.params
@@ -124,6 +137,11 @@ def test_run_records_flattened_params_and_the_resolved_config(xor_run):
     assert params["data"] == "my_project.data.XORDataModule"
     assert params["trainer.max_epochs"] == "100"
     assert params["data.num_features"] == "2" and params["data.num_classes"] == "2"  # linked
+    # what the config sets, in one dotted scheme; no bookkeeping, no Trainer default untouched
+    assert params["trainer.callbacks.0"] == "my_project.figures.DecisionBoundary"
+    assert not [key for key in params if "/" in key]
+    assert not {"tracking_uri", "run_name", "experiment_name", "ckpt_path"} & params.keys()
+    assert not {"trainer.barebones", "trainer.accelerator", "checkpoint.verbose"} & params.keys()
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
     resolved = yaml.safe_load(text)
     assert resolved["model"]["init_args"]["net"]["init_args"]["hidden_sizes"] == [4, 4]
@@ -179,6 +197,11 @@ def test_system_metrics_are_in_the_run(xor_run):
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
     assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+    # sampled while it trains (every second unless MLflow's settings say otherwise): a run of
+    # seconds has several points, not only the one at its end
+    key = "system/cpu_utilization_percentage"
+    history = MlflowClient().get_metric_history(run.info.run_id, key)
+    assert len({m.step for m in history}) >= 3
 
 
 @pytest.mark.parametrize(
@@ -210,6 +233,9 @@ def test_logged_model_carries_its_checkpoints_metrics_and_the_test_metrics(xor_r
                    if m.step == step)  # fmt: skip
     assert metrics["val/acc"].value == val_acc.value == 1.0 and metrics["val/acc"].step == step
     assert metrics["test/acc"].value == run.data.metrics["test/acc"]
+    # tested with the best checkpoint's weights: drawn at its step, not the last epoch's
+    (tested,) = client.get_metric_history(run.info.run_id, "test/acc")
+    assert tested.step == metrics["test/acc"].step == step
 
 
 def test_predict_from_the_mlflow_model_and_from_the_checkpoint(xor_run, tmp_path):

@@ -126,15 +126,19 @@ def test_last_is_the_latest_epoch_and_resuming_from_it_logs_each_epoch_once(tmp_
     best, last = (torch.load(f, weights_only=True) for f in (best, folder / "last.ckpt"))
     assert best["epoch"] < 29 and last["epoch"] == 29
     assert not list(folder.glob("*.part"))
-    # both are logged models, each carrying the metrics of its own epoch
+    # the best is the one logged model, carrying the metrics of its epoch; both checkpoints
+    # are the run's artifacts, to download from its page
     mlflow.set_tracking_uri(store_uri(tmp_path))
-    models = {m.tags["mlplab.checkpoint"]: m for m in mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list")}  # fmt: skip
-    for name, step in (("best", best["global_step"]), ("last", last["global_step"])):
-        logged = {m.key: m.value for m in models[name].metrics}
-        assert {m.step for m in models[name].metrics} == {step}
-        points = client.get_metric_history(run.info.run_id, "val/loss")
-        assert logged["val/loss"] == next(m.value for m in points if m.step == step)
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           output_format="list")  # fmt: skip
+    step = best["global_step"]
+    assert model.tags["mlplab.checkpoint"] == "best"
+    assert {m.step for m in model.metrics} == {step}
+    points = client.get_metric_history(run.info.run_id, "val/loss")
+    logged = {m.key: m.value for m in model.metrics}
+    assert logged["val/loss"] == next(m.value for m in points if m.step == step)
+    saved = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert saved == {"checkpoints/last.ckpt", f"checkpoints/best-epoch={best['epoch']}.ckpt"}
     predicted = run_mlplab("predict", "--model", "models:/digits@candidate", "--input",
                            str(write_digits_input(tmp_path)), cwd=tmp_path,
                            env={"MLFLOW_TRACKING_URI": store_uri(tmp_path)})  # fmt: skip

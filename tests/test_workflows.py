@@ -41,6 +41,14 @@ def test_sweep_is_a_parent_with_a_child_per_point(sweep):
     assert {r.data.params["model.net.hidden_sizes"] for r in children} == {"[4, 4]", "[8]"}
     assert parent.info.status == "FINISHED"
     assert json.loads(parent.data.params["sweep.grid.model.lr"]) == [0.02, 0.05]
+    # where parent and children come from, as MLflow's UI shows it; no bookkeeping params
+    commit = parent.data.tags["mlflow.source.git.commit"]
+    assert len(commit) == 40 and parent.data.tags["mlflow.source.name"] == "mlplab sweep"
+    assert "--grid" in parent.data.tags["mlplab.command_line"]
+    for child in children:
+        assert child.data.tags["mlflow.source.git.commit"] == commit
+        assert child.data.tags["mlflow.source.name"] == "mlplab fit"
+        assert not {"run_name", "tracking_uri"} & child.data.params.keys()
     best = min(children, key=lambda r: r.data.metrics["val/loss"])
     assert parent.data.tags["mlplab.best_child"] == best.info.run_id
     assert parent.data.metrics["best/val/loss"] == best.data.metrics["val/loss"]

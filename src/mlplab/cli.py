@@ -27,6 +27,7 @@ from mlplab.safety.resume import check_fits, resolve_resume, slurm_root_dir
 from mlplab.safety.slurm import SLURMRequeue
 from mlplab.safety.trust import read_checkpoint, resolve_class, trust_checkpoints
 from mlplab.speed.fast_path import FastPath
+from mlplab.tracking import provenance
 from mlplab.tracking.logged_models import log_model
 from mlplab.tracking.logger import MLflowRunLogger, MLflowSaveConfig, RunStatus
 from mlplab.tracking.store import experiment_dir, open_store, run_exists
@@ -162,6 +163,7 @@ class MLPLabCLI(LightningCLI):
     ) -> None:
         """`callbacks` join the Trainer's whatever the config says (a search's pruning)."""
         hold_startup_lines()
+        self.given_args = list(sys.argv[1:] if args is None else args)  # as the user typed them
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -349,7 +351,15 @@ class MLPLabCLI(LightningCLI):
                 experiment_name=experiment,
                 run_name=config.run_name,
                 tracking_uri=config.tracking_uri,
-                tags={**(config.get("tags") or {}), "mlplab.command": self.subcommand},
+                tags={
+                    **provenance.tags(
+                        self.subcommand,
+                        self.given_args[1:],
+                        [str(path) for path in config.get("config") or []],
+                    ),
+                    **(config.get("tags") or {}),
+                    "mlplab.command": self.subcommand,
+                },
                 run_id=run_id,
                 unwritten=metadata.unwritten(checkpoint) if run_id else None,
             )
@@ -452,6 +462,8 @@ class MLPLabCLI(LightningCLI):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         metrics = dict(trainer.callback_metrics)  # the last epoch's, before testing replaces them
         if self.config.fit.test_after_fit and self.can_test():
+            if isinstance(trainer.logger, MLflowRunLogger) and best:  # the tested weights' step
+                trainer.logger.tested_step = read_checkpoint(best)["global_step"]
             trainer.test(
                 model, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=True
             )

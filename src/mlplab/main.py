@@ -92,6 +92,9 @@ def _leave_process_group() -> None:
 
 
 def _run(argv: list[str]) -> None:
+    from mlplab.tracking import provenance
+
+    provenance.given(argv)  # what runs record as their command line
     command = argv[0] if argv else None
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command]).main(argv[1:])

@@ -75,9 +75,12 @@ def point_name(point: dict) -> str:
     ).replace(" ", "")
 
 
-def open_parent(client, uri, experiment, name, key_tag, key, command, params) -> str:
+def open_parent(
+    client, uri, experiment, name, key_tag, key, command, params, configs=()
+) -> str:
     """A parent run found by its key (`key_tag`), so that running the same sweep or search
-    again continues it; else a new one with `params`."""
+    again continues it; else a new one with `params` and where it comes from (the command
+    line, the `configs`' commit: `mlplab.tracking.provenance`)."""
     experiment_id = ensure_experiment(client, experiment, uri)
     earlier = client.search_runs(
         [experiment_id], f"tags.`{key_tag}` = '{key}'", order_by=["start_time DESC"]
@@ -87,7 +90,10 @@ def open_parent(client, uri, experiment, name, key_tag, key, command, params) ->
         client.update_run(run_id, status="RUNNING")
         print(f"mlplab: continuing {command} {name} (parent run {run_id})", file=sys.stderr)
         return run_id
-    tags = {key_tag: key, "mlplab.command": command}
+    from mlplab.tracking import provenance
+
+    tags = {**provenance.of_this_process(command, list(configs)), key_tag: key,
+            "mlplab.command": command}  # fmt: skip
     run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
     for param, value in params.items():
         client.log_param(run_id, param, str(value)[:6000])
@@ -129,8 +135,9 @@ class Sweep:
                   "sweep.mode": self.mode, "sweep.size": len(points(self.grid))}  # fmt: skip
         params.update({f"sweep.grid.{k}": json.dumps(v) for k, v in self.grid.items()})
         return open_parent(
-            self.client, self.uri, self.experiment, self.name, KEY_TAG, self.key, "sweep", params
-        )
+            self.client, self.uri, self.experiment, self.name, KEY_TAG, self.key, "sweep", params,
+            self.configs,
+        )  # fmt: skip
 
     def children(self, parent: str) -> list:
         experiment = self.client.get_experiment_by_name(self.experiment)

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from mlplab.safety.metadata import described_outputs
-from mlplab.safety.trust import read_checkpoint
 from mlplab.serving import working_inference_module
 from mlplab.tracking.store import resolve_tracking_uri
 
@@ -84,10 +83,10 @@ def log_model(
     in, its `predict_step`'s outputs out (`mlplab.serving`).
 
     `step` is the global step of the checkpoint the weights come from (`best`), so the logged
-    model carries that epoch's metrics, and the run's test metrics beside them. The `latest`
-    checkpoint, when it is another file, is recorded as an external logged model (the
-    checkpoint is its artifact), so both are found with `mlflow.search_logged_models`.
-    `register`: (name, alias) in the Model Registry.
+    model carries that epoch's metrics, and the run's test metrics (logged at that step)
+    beside them. Only this model is a LoggedModel; the `best` and `latest` checkpoints are
+    the run's artifacts under `checkpoints/`, to download from the run's page (and resume or
+    test from). `register`: (name, alias) in the Model Registry.
 
     Returns the model's URI (`models:/<model_id>`; `runs:/<run_id>/model` loads it too), or
     None: the module cannot predict on its own training inputs (said why), or the tracking
@@ -121,6 +120,8 @@ def log_model(
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
     outputs = described_outputs(datamodule, module)
     writer = logger.experiment
+    for checkpoint in dict.fromkeys(c for c in (best, latest) if c):  # each file once
+        writer.log_artifact(logger.run_id, checkpoint, "checkpoints")
     with writer.staged("model") as path:
         if outputs["encoding"] is None:
             mlflow.pytorch.save_model(
@@ -138,8 +139,6 @@ def log_model(
             path,
             step=step,
             tags={"mlplab.checkpoint": "best", "mlplab.checkpoint_path": best},
-            latest=latest if latest != best else "",
-            latest_step=read_checkpoint(latest)["global_step"] if latest else 0,
             register=list(register) if register else None,
         )
 
@@ -202,13 +201,11 @@ def upload_model(
     path: Path,
     step: int = 0,
     tags: dict[str, str] | None = None,
-    latest: str = "",
-    latest_step: int = 0,
     register: list | None = None,
+    **_,  # a journal written by an earlier mlplab: its `latest` model is a run artifact now
 ) -> str:
     """Log the model saved at `path` to the run (see `log_model`); returns its URI."""
     import mlflow
-    from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -217,14 +214,6 @@ def upload_model(
         # `step`: MLflow links the run's metrics at this step to the model
         info = Model.log(None, SavedModel(path), name="model", step=step, tags=tags)
         link_metrics(client, run_id, info.model_id, prefix="test/")
-        if latest:
-            external = mlflow.create_external_model(
-                name="last",
-                source_run_id=run_id,
-                tags={"mlplab.checkpoint": "last", "mlplab.checkpoint_path": latest},
-            )
-            client.log_outputs(run_id, [LoggedModelOutput(external.model_id, step=latest_step)])
-            link_metrics(client, run_id, external.model_id, step=latest_step)
     if register:
         register_model(info.model_uri, register[0], tracking_uri, register[1])
     return info.model_uri

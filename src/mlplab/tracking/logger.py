@@ -95,6 +95,7 @@ class MLflowRunLogger(MLFlowLogger):
         # `fit` tests and logs the model after Lightning's fit has finalized the run: it stays
         # RUNNING until `finish`, so it is never FINISHED without them
         self.keep_open = False
+        self.tested_step: int | None = None  # where test metrics go (`log_metrics`)
         self.ended = False  # its status is written
         self.stopped_on_purpose = False  # `RunKilled`: the last validation stays (it decided)
         self._pending: dict[str, float] = {}  # metrics not yet written, see `log_metrics`
@@ -254,7 +255,11 @@ class MLflowRunLogger(MLFlowLogger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One write per epoch: an epoch's validation metrics wait for its training metrics,
         which Lightning logs last (a write to SQLite costs ~8 ms here, whatever its size).
-        Anything still waiting is written when the step changes and in `finalize`."""
+        Anything still waiting is written when the step changes and in `finalize`. Test
+        metrics go at `tested_step`, where set: the step of the checkpoint tested, so charts
+        and the logged model pair them with the weights that made them."""
+        if self.tested_step is not None and any(k.startswith("test/") for k in metrics):
+            step = self.tested_step
         if self._pending and step != self._pending_step:
             self.flush()
         self._pending.update(metrics)
@@ -292,11 +297,21 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             flat.update(flatten_config(value, prefix))
             continue
         name = prefix.rstrip(".") if key == "class_path" else f"{prefix}{key}"
+        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            value = {str(i): item for i, item in enumerate(value)}  # callbacks.0, callbacks.1
         if isinstance(value, dict):
             flat.update(flatten_config(value, f"{name}."))
         elif value is not None and value != []:
             flat[name] = value
     return flat
+
+
+# settings that say where a run goes and how mlplab keeps it, not what it trains: in the
+# config artifact, not among the params a comparison reads
+BOOKKEEPING = (
+    "experiment_name", "run_name", "tracking_uri", "ckpt_path", "weights_only",
+    "register_model", "register_alias", "verbose", "trainer.default_root_dir",
+)  # fmt: skip
 
 
 class MLflowSaveConfig(SaveConfigCallback):
@@ -332,7 +347,14 @@ class MLflowSaveConfig(SaveConfigCallback):
             config.pop(key, None)
         if config.get("tracking_uri"):
             config.tracking_uri = redact_uri(config.tracking_uri)
-        params = flatten_config(config.as_dict())
+        # what the config and the flags set: not bookkeeping, not a default left untouched
+        # (Lightning's Trainer has ~30 settings); a task's and its network's own stay all
+        defaults = flatten_config(self.parser.get_defaults().as_dict())
+        params = {
+            k: v
+            for k, v in flatten_config(config.as_dict()).items()
+            if k not in BOOKKEEPING and not (k in defaults and defaults[k] == v)
+        }
         params["trainer.world_size"] = trainer.world_size
         params["trainer.nodes_used"] = trainer.num_nodes
         for shape in ("num_features", "num_classes", "num_targets"):  # linked, so not in the YAML

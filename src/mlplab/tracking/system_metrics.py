@@ -4,8 +4,10 @@ metrics tab.
 MLflow samples them for runs it starts with `mlflow.start_run`; Lightning's `MLFlowLogger`
 creates its run through the client, so MLflow's switch never starts its monitor
 (Lightning-AI/pytorch-lightning#20563). This callback uses MLflow's own monitors and settings
-(`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`, default 10 s; `..._SAMPLES_BEFORE_LOGGING`;
-`..._NODE_ID`) and writes through the run's writer, so an outage keeps them in the journal.
+(`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`; `..._SAMPLES_BEFORE_LOGGING`; `..._NODE_ID`) and
+writes through the run's writer, so an outage keeps them in the journal. Where they are not
+set, a sample every `INTERVAL` seconds, each logged: MLflow's 10 s would give a run of seconds
+no point while it trains (a sample costs ~1 ms of a thread, a write one SQLite transaction).
 The CLI adds it unless `--log_system_metrics false` (or `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=
 false`).
 """
@@ -22,6 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from mlplab.tracking.logger import MLflowRunLogger
 
 PREFIX = "system/"
+INTERVAL = 1.0  # seconds, where MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL is not set
 
 
 class SystemMetrics(Callback):
@@ -51,6 +54,18 @@ class SystemMetrics(Callback):
 
             # "Skip logging GPU metrics" on every CPU run: not news
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            import mlflow
+            from mlflow.environment_variables import (
+                MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING as samples,
+            )
+            from mlflow.environment_variables import (
+                MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL as interval,
+            )
+
+            if not interval.defined:
+                mlflow.set_system_metrics_sampling_interval(INTERVAL)
+            if not samples.defined:
+                mlflow.set_system_metrics_samples_before_logging(1)
             self.monitor = SystemMetricsMonitor(logger.run_id, tracking_uri=logger.tracking_uri)
             self.writer = logger.experiment
             if logger.resumed:  # continue the run's steps

@@ -219,7 +219,7 @@ class Search:
         }
         return open_parent(
             self.client, self.uri, setup.experiment, setup.name, KEY_TAG, self.key, "search",
-            params,
+            params, setup.configs,
         )  # fmt: skip
 
     # --- trials --------------------------------------------------------------------------------
