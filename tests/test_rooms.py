@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def test_mlplab_new_copies_the_project_and_the_copy_trains(tmp_path):
     fit = run_mlplab("fit", "--config", "configs/cats/xor.yaml", "--trainer.max_epochs", "3",
                      cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": uri})  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-3000:]
+    # the summary tells the last epoch's figures from the tested checkpoint's
+    assert "mlplab: last epoch: train/acc=" in fit.stdout
+    assert re.search(r";  tested checkpoint \(epoch \d\): test/acc=", fit.stdout)
     (run,) = experiment_runs(uri, "xor")[1]
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "cats.models.Classifier"

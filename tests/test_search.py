@@ -97,6 +97,9 @@ def test_search_prunes_and_records_the_best_in_the_parent(store, tmp_path):
     assert trials[0].params == {"model.lr": 0.01, "model.optimizer": "Adam"}  # as written
     best = study.best_trial
     assert parent.data.tags["mlplab.best_child"] == best.user_attrs["mlflow.run_id"]
+    named = {r.info.run_id: r.info.run_name for r in children}
+    assert parent.data.tags["mlplab.best_child_name"] == named[best.user_attrs["mlflow.run_id"]]
+    assert parent.data.tags["mlflow.source.name"] == "mlplab search"
     assert parent.data.tags["best.model.optimizer"] == best.params["model.optimizer"]
     assert parent.data.metrics["best/val/acc"] == pytest.approx(best.value)
     assert parent.data.metrics["best/val/acc"] == max(r.data.metrics["val/acc"] for r in complete)

@@ -95,6 +95,12 @@ def test_runs_of_one_seed_have_different_names_and_the_seeded_stream_is_kept(tmp
     client = MlflowClient(uri)
     runs = client.search_runs(client.get_experiment_by_name("xor").experiment_id)
     assert len({run.info.run_name for run in runs}) == 3
+    # an unnamed run is named by its config and what the command line changes, then 4 hex digits
+    unnamed = sorted(run.info.run_name for run in runs if run.info.run_name != "named")
+    for name in unnamed:
+        described, suffix = name.rsplit(" ", 1)
+        assert described == "xor max_epochs=1 seed_everything=7 test_after_fit=false"
+        assert len(suffix) == 4 and int(suffix, 16) >= 0
     # drawing a name took nothing from the seeded stream: it goes on as in a named run
     assert draws[0] == draws[1] == draws[2]
 

@@ -51,6 +51,7 @@ def test_sweep_is_a_parent_with_a_child_per_point(sweep):
         assert not {"run_name", "tracking_uri"} & child.data.params.keys()
     best = min(children, key=lambda r: r.data.metrics["val/loss"])
     assert parent.data.tags["mlplab.best_child"] == best.info.run_id
+    assert parent.data.tags["mlplab.best_child_name"] == best.info.run_name  # as the UI lists it
     assert parent.data.metrics["best/val/loss"] == best.data.metrics["val/loss"]
     registered = MlflowClient(uri).get_model_version("xor-sweep-best", "1")
     assert registered.run_id == best.info.run_id

@@ -349,7 +349,7 @@ class MLPLabCLI(LightningCLI):
             run_id = self.resumed_run(checkpoint) if self.subcommand == "fit" else None
             kwargs["logger"] = MLflowRunLogger(
                 experiment_name=experiment,
-                run_name=config.run_name,
+                run_name=config.run_name or provenance.run_name(experiment, self.given_args[1:]),
                 tracking_uri=config.tracking_uri,
                 tags={
                     **provenance.tags(
@@ -467,27 +467,34 @@ class MLPLabCLI(LightningCLI):
             trainer.test(
                 model, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=True
             )
-            metrics.update(trainer.callback_metrics)
-        elif best:
-            model.load_state_dict(read_checkpoint(best)["state_dict"])
+            tested = {k: v for k, v in trainer.callback_metrics.items() if k not in metrics}
+        else:
+            tested = {}
+            if best:
+                model.load_state_dict(read_checkpoint(best)["state_dict"])
         if not trainer.is_global_zero:
             return
         # the module's own names (`val/acc`, `valid_loss`), without Lightning's `epoch`/`step`
-        # and the `_step`/`_epoch` copies of a metric logged both per step and per epoch
-        summary = {
-            k: v
-            for k, v in metrics.items()
-            if k not in ("epoch", "step")
-            and not (k.endswith(("_step", "_epoch")) and k.rsplit("_", 1)[0] in metrics)
-        }
-        if summary:
-            print(
-                "mlplab: "
-                + "  ".join(
-                    f"{k}={float(v):.0f}" if k.endswith("/samples") else f"{k}={float(v):.4f}"
-                    for k, v in sorted(summary.items())
-                )
+        # and the `_step`/`_epoch` copies of a metric logged both per step and per epoch; the
+        # last epoch's apart from the tested checkpoint's
+        def said(values: dict) -> str:
+            kept = {
+                k: v
+                for k, v in values.items()
+                if k not in ("epoch", "step")
+                and not (k.endswith(("_step", "_epoch")) and k.rsplit("_", 1)[0] in values)
+            }
+            return "  ".join(
+                f"{k}={float(v):.0f}" if k.endswith("/samples") else f"{k}={float(v):.4f}"
+                for k, v in sorted(kept.items())
             )
+
+        parts = [("last epoch", said(metrics))]
+        if tested:
+            epoch = read_checkpoint(best)["epoch"] if best else trainer.current_epoch - 1
+            parts.append((f"tested checkpoint (epoch {epoch})", said(tested)))
+        if any(text for _, text in parts):
+            print("mlplab: " + ";  ".join(f"{name}: {text}" for name, text in parts if text))
         logger = trainer.logger
         if not isinstance(logger, MLflowRunLogger):
             return

@@ -77,8 +77,9 @@ class SampleImages(Callback):
 
 class LearningCurves(Callback):
     """Train and validation curves, one panel per metric, read back from the run. Metrics are
-    logged at the optimiser step; the x-axis is in epochs (the end of the first epoch's step
-    count is one epoch), so validations within an epoch fall between its ticks."""
+    logged at the optimiser step; the x-axis counts epochs from 0 as the metrics and checkpoint
+    names do (the end of the first epoch is epoch 0), so validations within an epoch fall
+    between its ticks. Counts (`val/samples`) are no curve and get no panel."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _mlflow(trainer)
@@ -88,7 +89,7 @@ class LearningCurves(Callback):
 
         # read back from the store, or while the server is away, what this job logged
         histories = logger.experiment.metric_histories(("train/", "val/"))
-        panels = sorted({k.split("/", 1)[1] for k in histories})
+        panels = sorted({k.split("/", 1)[1] for k in histories} - {"samples"})
         if not panels:
             return
         first = histories.get(f"train/{panels[0]}", [])
@@ -100,7 +101,7 @@ class LearningCurves(Callback):
             for stage in ("train", "val"):
                 history = histories.get(f"{stage}/{metric}")
                 if history:
-                    epochs = [step / steps_per_epoch for step, _ in history]
+                    epochs = [step / steps_per_epoch - 1 for step, _ in history]
                     ax.plot(epochs, [value for _, value in history], marker=".", label=stage)
             ax.set(xlabel="epoch", ylabel=metric, title=metric)
             ax.grid(alpha=0.3)

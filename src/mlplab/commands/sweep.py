@@ -189,6 +189,7 @@ class Sweep:
         best = self.best(parent)
         if best is not None:
             self.client.set_tag(parent, "mlplab.best_child", best.info.run_id)
+            self.client.set_tag(parent, "mlplab.best_child_name", best.info.run_name)  # as listed
             self.client.log_metric(parent, f"best/{self.metric}", best.data.metrics[self.metric])
             print(
                 f"mlplab: best child {best.info.run_name} ({best.info.run_id}): "

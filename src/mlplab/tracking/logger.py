@@ -118,7 +118,10 @@ class MLflowRunLogger(MLFlowLogger):
             return super().experiment
         self.opening = True
         try:
-            return self.open_run()
+            # made whole before a Ctrl-C or SIGTERM arrives, so whoever handles it finds the
+            # run to end KILLED (one cut between its creation and its writer stayed RUNNING)
+            with interrupts.deferred():
+                return self.open_run()
         finally:
             self.opening = False
 
@@ -260,6 +263,8 @@ class MLflowRunLogger(MLFlowLogger):
         and the logged model pair them with the weights that made them."""
         if self.tested_step is not None and any(k.startswith("test/") for k in metrics):
             step = self.tested_step
+            # Lightning adds its current (last) epoch where a step logs none: not the tested one
+            metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if self._pending and step != self._pending_step:
             self.flush()
         self._pending.update(metrics)

@@ -10,6 +10,7 @@ told here, from the repository that holds the first config (else the working dir
 from __future__ import annotations
 
 import getpass
+import secrets
 import shlex
 import subprocess
 import sys
@@ -65,17 +66,34 @@ def tags(command: str, args: list[str], configs: list[str]) -> dict[str, str]:
     return found
 
 
-_given: list[str] | None = None  # the `mlplab` command line this process runs (`given`)
-
-
-def given(argv: list[str]) -> None:
-    """Record the command line `mlplab.main` runs (in-process callers have other `sys.argv`)."""
-    global _given
-    _given = list(argv)
-
-
 def of_this_process(command: str, configs: list[str]) -> dict[str, str]:
-    """`tags` for the command this process runs."""
-    argv = _given if _given is not None else sys.argv[1:]
+    """`tags` for the command this process runs (as `mlplab.main` was given it)."""
+    from mlplab import main
+
+    argv = main.given_argv if main.given_argv is not None else sys.argv[1:]
     args = argv[1:] if argv and argv[0] == command else argv
     return tags(command, args, configs)
+
+
+# flags that say where a run goes or how it is shown, not what it trains: not in its name
+UNNAMED = ("config", "c", "experiment_name", "run_name", "tracking_uri", "tags", "ckpt_path",
+           "weights_only", "register_model", "register_alias", "log_system_metrics",
+           "trainer.enable_progress_bar")  # fmt: skip
+
+
+def run_name(experiment: str, args: list[str]) -> str:
+    """A name that says what the run is: the experiment (the config's name), the settings the
+    command line changes (their last part: `lr=0.05 max_epochs=50`), and four random hex
+    digits that keep it unique."""
+    changed, at = [], 0
+    while at < len(args):
+        flag, equals, value = args[at].partition("=")
+        if flag.startswith("-") and not equals and at + 1 < len(args):
+            value, at = args[at + 1], at + 1
+        key = flag.lstrip("-")
+        if flag.startswith("-") and key not in UNNAMED and value:
+            changed.append(f"{key.rsplit('.', 1)[-1]}={value}")
+        at += 1
+    described = " ".join([experiment, *changed])
+    return f"{described[:80]} {secrets.token_hex(2)}"
+

@@ -141,9 +141,9 @@ class Task(LightningModule):
         self.log_dict(getattr(self, f"{stage}_metrics"))
         if stage != "train":
             self.log(f"{stage}/samples", getattr(self, f"{stage}_samples"))
-        if stage != "test":  # a test has no epoch of its own
+        if stage != "test":  # a test has no epoch or step of its own (the tested checkpoint's)
             self.log("epoch", float(self.current_epoch))
-        self.log("step", float(self.global_step))  # Lightning's logger connector takes it as x
+            self.log("step", float(self.global_step))  # Lightning's logger connector: the x
 
     def on_train_epoch_end(self) -> None:
         self.log_epoch("train")

@@ -49,8 +49,10 @@ def record_outcome(search: Search, study: optuna.Study) -> bool:
             )
         client.log_metric(parent, f"best/{setup.metric}", best.value, step=step)
         if run_id is not None:
+            child = client.get_run(run_id)
             client.set_tag(parent, "mlplab.best_child", run_id)
-            for name, value in client.get_run(run_id).data.metrics.items():
+            client.set_tag(parent, "mlplab.best_child_name", child.info.run_name)  # as listed
+            for name, value in child.data.metrics.items():
                 if "/" in name and name != setup.metric and not name.startswith("system/"):
                     client.log_metric(parent, f"best/{name}", value, step=step)
         say(f"search {setup.name}: {summary}; best trial {best.number} (run {run_id}): "
