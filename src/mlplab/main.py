@@ -91,14 +91,7 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-# the command line being run, which runs record (`mlplab.tracking.provenance`); in-process
-# callers (`mlplab reproduce`, tests) have another `sys.argv`
-given_argv: list[str] | None = None
-
-
 def _run(argv: list[str]) -> None:
-    global given_argv
-    given_argv = list(argv)
     command = argv[0] if argv else None
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command]).main(argv[1:])

@@ -213,6 +213,9 @@ def _key(point: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from mlplab.tracking import provenance
+
+    provenance.command_line = ["sweep", *argv]  # what the parent run records
     parser = CommandParser(
         prog="mlplab sweep",
         usage="mlplab sweep [SWEEP_FILE] [options] [fit overrides, e.g. --trainer.max_epochs 5]",

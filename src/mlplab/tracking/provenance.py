@@ -66,11 +66,14 @@ def tags(command: str, args: list[str], configs: list[str]) -> dict[str, str]:
     return found
 
 
-def of_this_process(command: str, configs: list[str]) -> dict[str, str]:
-    """`tags` for the command this process runs (as `mlplab.main` was given it)."""
-    from mlplab import main
+# the command line a command was given (`mlplab sweep ...`), set by the command itself: an
+# in-process caller (a test, `mlplab reproduce`) has another `sys.argv`
+command_line: list[str] | None = None
 
-    argv = main.given_argv if main.given_argv is not None else sys.argv[1:]
+
+def of_this_process(command: str, configs: list[str]) -> dict[str, str]:
+    """`tags` for the command this process runs."""
+    argv = command_line if command_line is not None else sys.argv[1:]
     args = argv[1:] if argv and argv[0] == command else argv
     return tags(command, args, configs)
 

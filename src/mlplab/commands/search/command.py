@@ -154,6 +154,9 @@ def as_list(value) -> list:
 
 
 def main(argv: list[str]) -> None:
+    from mlplab.tracking import provenance
+
+    provenance.command_line = ["search", *argv]  # what the parent run records
     setup, args = settings(argv)
     from mlplab.commands.search.outcome import record_outcome
     from mlplab.commands.search.study import PRUNERS, SAMPLERS, Search, component
