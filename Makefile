@@ -5,6 +5,9 @@ STAMP  := $(VENV)/.installed
 # the exact releases `make install` installs, each file's hash checked (`make lock` writes them)
 LOCK   := requirements/dev.lock
 TOOLS  := requirements/tools.lock
+# Playwright for `make ui-check`, which drives this Chromium
+UI_LOCK := requirements/ui.lock
+CHROMIUM ?= /usr/bin/chromium
 # `make lock` leaves out releases younger than this (uv's --exclude-newer)
 COOLDOWN ?= 3 days
 CONFIG ?= configs/xor.yaml
@@ -16,7 +19,7 @@ CARRY  ?= .gpu
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock lock-upgrade audit train test test-all slurm-check gpu-carry gpu-check \
-	reproduce bench examples lint ui server clean
+	reproduce bench examples lint ui ui-check server clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,7 +41,7 @@ lock-upgrade: ## the same, every package at its newest release at least COOLDOWN
 	$(BIN)/python scripts/lock.py lock --upgrade --cooldown '$(COOLDOWN)'
 
 audit: $(STAMP) ## the locked releases against the public advisory database (pip-audit)
-	$(BIN)/python scripts/audit.py --ignore requirements/audit-ignore.txt $(LOCK) $(TOOLS)
+	$(BIN)/python scripts/audit.py --ignore requirements/audit-ignore.txt $(LOCK) $(TOOLS) $(UI_LOCK)
 
 train: $(STAMP) ## train CONFIG (default configs/xor.yaml) into the MLflow store under mlruns/
 	$(BIN)/mlplab fit --config $(CONFIG)
@@ -75,6 +78,11 @@ lint: $(STAMP) ## ruff over the sources, tests and benchmark
 
 ui: $(STAMP) ## the MLflow UI on the project's store, at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000
+
+ui-check: $(STAMP) ## the MLflow UI in headless Chromium over a store it builds; screenshots in docs/ui/
+	test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(BIN)/python scripts/lock.py install-ui
+	$(BIN)/python scripts/ui/check.py --chromium $(CHROMIUM) --out docs/ui
 
 server: $(STAMP) ## a tracking server as clusters run one (PostgreSQL if installed, else SQLite), port 5000
 	$(BIN)/mlplab server --port 5000

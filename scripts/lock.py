@@ -2,6 +2,7 @@
 
     python scripts/lock.py check              # was the lock made from pyproject.toml?
     python scripts/lock.py install            # check, then install the lock with hash checking
+    python scripts/lock.py install-ui         # Playwright for `make ui-check`, hashes checked
     python scripts/lock.py lock [--upgrade]   # write the locks again with uv (`make lock`)
 
 - `requirements/dev.lock`: mlplab with its `dev` extra, for Python 3.10+ on every platform (uv's
@@ -11,6 +12,8 @@
   `dependencies`, `optional-dependencies`): `install` stops in one line when they changed since.
 - `requirements/tools.lock`: uv, which `lock` installs from it (into the Python that runs it)
   to write the locks.
+- `requirements/ui.lock`: Playwright for `make ui-check`, constrained by `dev.lock` (a package
+  both hold is the same release).
 
 `install` runs `pip install --require-hashes --no-deps -r requirements/dev.lock` in the Python
 that runs it (the venv's; the locked pip is installed first), then mlplab itself, editable,
@@ -39,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = Path("requirements/dev.lock")
 TOOLS_LOCK = Path("requirements/tools.lock")
+UI_LOCK = Path("requirements/ui.lock")
 DIGEST_KEY = "# mlplab-requirements-sha256:"
 COOLDOWN = "3 days"
 
@@ -207,15 +211,16 @@ def lock(root: Path, upgrade: bool, cooldown: str) -> None:
                LOCK, options)
     write_digest(root)
     uv_compile(root, [], "uv\n", TOOLS_LOCK, options)
+    uv_compile(root, ["-c", str(LOCK)], "playwright\n", UI_LOCK, options)
     pins = re.findall(r"^(lightning|pytorch-lightning|torch|torchvision)==(\S+)",
                       (root / LOCK).read_text(), re.M)
-    print(f"mlplab: wrote {LOCK} and {TOOLS_LOCK} (releases at least {cooldown} old): "
+    print(f"mlplab: wrote {LOCK}, {TOOLS_LOCK} and {UI_LOCK} (releases at least {cooldown} old): "
           + ", ".join(f"{n} {v}" for n, v in pins))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/lock.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["check", "install", "lock"])
+    parser.add_argument("action", choices=["check", "install", "install-ui", "lock"])
     parser.add_argument("--root", type=Path, default=ROOT, help="the project (default: this one)")
     parser.add_argument("--upgrade", action="store_true", help="lock: newest releases allowed")
     parser.add_argument("--cooldown", default=COOLDOWN, help=f"lock: default {COOLDOWN!r}")
@@ -225,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             check(args.root)
         elif args.action == "install":
             install(args.root)
+        elif args.action == "install-ui":
+            pip_install(args.root / UI_LOCK, UI_LOCK)
         else:
             lock(args.root, args.upgrade, args.cooldown)
     except LockError as error:

@@ -25,6 +25,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "dev.lock"
 TOOLS = ROOT / "requirements" / "tools.lock"
+UI = ROOT / "requirements" / "ui.lock"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+?)(?: ; (.+?))?\s*\\?$")
 
 
@@ -68,13 +69,17 @@ def locked_set(python: str, system: str, machine: str) -> dict[str, str]:
 
 
 def test_every_locked_release_is_pinned_with_its_hashes():
-    for path in (LOCK, TOOLS):
+    for path in (LOCK, TOOLS, UI):
         pins = blocks(path)
         assert pins, path
         for name, version, _, hashes in pins:
             assert hashes, f"{path.name}: {name}=={version} has no hash"
             assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
     assert [p[0] for p in blocks(TOOLS)] == ["uv"]
+    assert {p[0] for p in blocks(UI)} == {"playwright", "greenlet"}
+    # a package in both locks is the same release (ui.lock is made against dev.lock)
+    dev = {name: version for name, version, _, _ in blocks(LOCK)}
+    assert all(dev.get(n, v) == v for n, v, _, _ in blocks(UI))
 
 
 def test_lightning_and_what_it_pulls_are_at_least_2_6_6():
@@ -289,9 +294,9 @@ def test_every_version_of_a_package_is_audited(audit):
 
 
 def test_the_real_lock_is_audited_whole(audit):
-    assert audit("clean", locks=[LOCK, TOOLS]).returncode == 0
+    assert audit("clean", locks=[LOCK, TOOLS, UI]).returncode == 0
     sent = {tuple(p) for call in audit.log.read_text().splitlines() for p in json.loads(call)}
-    assert sent == {(n, v) for path in (LOCK, TOOLS) for n, v, _, _ in blocks(path)}
+    assert sent == {(n, v) for path in (LOCK, TOOLS, UI) for n, v, _, _ in blocks(path)}
 
 
 @pytest.mark.parametrize("listed", ["GHSA-w37p-236h-pfx3", "CVE-2026-99999"])

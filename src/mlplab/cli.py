@@ -29,7 +29,7 @@ from mlplab.safety.trust import read_checkpoint, resolve_class, trust_checkpoint
 from mlplab.speed.fast_path import FastPath
 from mlplab.tracking import provenance
 from mlplab.tracking.logged_models import log_model
-from mlplab.tracking.logger import MLflowRunLogger, MLflowSaveConfig, RunStatus
+from mlplab.tracking.logger import MLflowRunLogger, MLflowSaveConfig, RunStatus, given_settings
 from mlplab.tracking.store import experiment_dir, open_store, run_exists
 from mlplab.tracking.system_metrics import SystemMetrics
 
@@ -164,23 +164,23 @@ class MLPLabCLI(LightningCLI):
         """`callbacks` join the Trainer's whatever the config says (a search's pruning)."""
         hold_startup_lines()
         self.given_args = list(sys.argv[1:] if args is None else args)  # as the user typed them
+        args = with_experiment_name(
+            with_checkpoint_config(with_weights_only(check_config_files(self.given_args)))
+        )
         super().__init__(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=MLflowSaveConfig,
-            save_config_kwargs={"save_to_log_dir": False},
+            # the settings the config files and flags name: params even where they equal a default
+            save_config_kwargs={"save_to_log_dir": False, "given": given_settings(args)},
             auto_configure_optimizers=False,
             parser_class=_Parser,
             parser_kwargs={"description": DESCRIPTION, "prog": "mlplab"},  # not `__main__.py`
             # with the logger off, checkpoints go to mlruns/checkpoints/, not the working directory
             trainer_defaults={"default_root_dir": "mlruns", "callbacks": list(callbacks)},
-            args=with_experiment_name(
-                with_checkpoint_config(
-                    with_weights_only(check_config_files(sys.argv[1:] if args is None else args))
-                )
-            ),
+            args=args,
             run=run,
         )
 

@@ -179,10 +179,11 @@ def save_column_model(inference, example, output, datamodule, path: Path,
 class SavedModel:
     """A flavor for `mlflow.models.Model.log` that logs a model saved earlier (`save_model` ran
     before the server was asked, so a journaled run keeps it): copied, its MLmodel given the
-    ids MLflow gives the logged model."""
+    ids MLflow gives the logged model and the run it comes from."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, run_id: str) -> None:
         self.path = Path(path)
+        self.run_id = run_id
 
     def save_model(self, path: str, mlflow_model, **_) -> None:
         from mlflow.models import Model
@@ -192,7 +193,12 @@ class SavedModel:
         for field in ("flavors", "signature", "saved_input_example_info", "mlflow_version",
                       "metadata", "model_size_bytes", "utc_time_created"):  # fmt: skip
             setattr(mlflow_model, field, getattr(saved, field))
+        mlflow_model.run_id = self.run_id
         mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+# the split each metric prefix is computed on: its dataset input carries this context tag
+SPLITS = {"train/": "train", "val/": "val", "test/": "test"}
 
 
 def upload_model(
@@ -204,36 +210,56 @@ def upload_model(
     register: list | None = None,
     **_,  # a journal written by an earlier mlplab: its `latest` model is a run artifact now
 ) -> str:
-    """Log the model saved at `path` to the run (see `log_model`); returns its URI."""
+    """Log the model saved at `path` to the run (see `log_model`); returns its URI.
+
+    The logged model gets the run's params and source tags, the run's metrics at `step` (the
+    checkpoint's; the test metrics are drawn there too), each linked to the dataset of its
+    split, and the run lists it as its output at that step."""
     import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    source = {k: v for k, v in run.data.tags.items() if k.startswith("mlflow.source.")}
+    model = client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id,
+        tags={**source, **(tags or {})}, params=run.data.params,
+    )  # fmt: skip
+    link_metrics(client, run, model.model_id, step)
     mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    with mlflow.start_run(run_id=run_id):
-        # `step`: MLflow links the run's metrics at this step to the model
-        info = Model.log(None, SavedModel(path), name="model", step=step, tags=tags)
-        link_metrics(client, run_id, info.model_id, prefix="test/")
+    # no run given: `Model.log` would copy the run's metrics at `step` again, without datasets
+    info = Model.log(None, SavedModel(path, run_id), name="model", model_id=model.model_id)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     if register:
         register_model(info.model_uri, register[0], tracking_uri, register[1])
     return info.model_uri
 
 
-def link_metrics(client, run_id: str, model_id: str, step: int | None = None,
-                 prefix: str = "") -> None:  # fmt: skip
-    """Attach run metrics to a logged model, as `log_model(step=...)` does: the points at
-    `step`, or the newest point of each metric named with `prefix`."""
+def link_metrics(client, run, model_id: str, step: int) -> None:
+    """The run's metrics at `step` as the logged model's, each with the dataset of its split
+    (the run's dataset input of that `mlflow.data.context`): MLflow keeps dataset links on a
+    model's metrics only, not on a run's."""
     from mlflow.entities import Metric
 
+    datasets = {}
+    for given in run.inputs.dataset_inputs if run.inputs else []:
+        context = {t.key: t.value for t in given.tags}.get("mlflow.data.context")
+        datasets[context] = given.dataset
     points = []
-    for key in client.get_run(run_id).data.metrics:
-        if not key.startswith(prefix):
-            continue
-        history = client.get_metric_history(run_id, key)
-        chosen = [m for m in history if m.step == step] if step is not None else history[-1:]
-        points += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in chosen]
-    if points:
-        client.log_batch(run_id, metrics=points)
+    for key in run.data.metrics:
+        split = next((s for p, s in SPLITS.items() if key.startswith(p)), None)
+        dataset = datasets.get(split)
+        for m in client.get_metric_history(run.info.run_id, key):
+            if m.step == step:
+                points.append(Metric(
+                    m.key, m.value, m.timestamp, m.step, model_id=model_id,
+                    dataset_name=dataset.name if dataset else None,
+                    dataset_digest=dataset.digest if dataset else None,
+                ))  # fmt: skip
+    for start in range(0, len(points), 1000):  # MLflow's limit per batch
+        client.log_batch(run.info.run_id, metrics=points[start : start + 1000])
 
 
 def register_model(

@@ -311,6 +311,74 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def given_settings(args: list[str]) -> set[str]:
+    """The settings `args` name, in `flatten_config`'s dotted scheme: its flags
+    (`--model.init_args.lr=0.1` -> `model.lr`) and the keys of its config files."""
+    import yaml
+
+    given = set()
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        flag = arg[2:].split("=", 1)[0]
+        if flag in ("config", "c"):
+            continue
+        given.add(".".join(p for p in flag.split(".") if p not in ("init_args", "dict_kwargs")))
+    for path in [v for a, v in zip(args, args[1:], strict=False) if a in ("--config", "-c")] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--config=")
+    ]:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+        except (OSError, yaml.YAMLError):  # the CLI's own parse says what is wrong with it
+            loaded = None
+        if isinstance(loaded, dict):
+            given.update(flatten_config(loaded))
+    return given
+
+
+def class_defaults(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The default of every init argument of each `class_path` in `config` (through `**kwargs`
+    to its bases), in `flatten_config`'s dotted scheme."""
+    import importlib
+    import inspect
+
+    found: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, list):
+            value = {str(i): item for i, item in enumerate(value) if isinstance(item, dict)}
+            found.update(class_defaults(value, f"{name}."))
+        elif isinstance(value, dict) and isinstance(value.get("class_path"), str):
+            module, _, attribute = value["class_path"].rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), attribute)
+            except (ImportError, AttributeError, ValueError):
+                cls = None
+            for klass in cls.__mro__ if isinstance(cls, type) else ():
+                try:
+                    parameters = inspect.signature(klass.__init__).parameters.values()
+                except (TypeError, ValueError):
+                    break
+                for p in parameters:
+                    if p.default is not p.empty:
+                        found.setdefault(f"{name}.{p.name}", p.default)
+                if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                    break
+            found.update(class_defaults(value.get("init_args") or {}, f"{name}."))
+        elif isinstance(value, dict):
+            found.update(class_defaults(value, f"{name}."))
+    return found
+
+
+def plain(value: Any) -> Any:
+    """A value as YAML holds it (tuples as lists), to compare a default with a setting."""
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 # settings that say where a run goes and how mlplab keeps it, not what it trains: in the
 # config artifact, not among the params a comparison reads
 BOOKKEEPING = (
@@ -330,7 +398,13 @@ class MLflowSaveConfig(SaveConfigCallback):
     """
 
     params: dict[str, Any] | None = None
+    configured: dict[str, Any] | None = None  # every setting's value, defaults too
     dumped: str | None = None  # the config as YAML, made once (jsonargparse takes ~0.1 s)
+
+    def __init__(self, *args, given: set[str] = frozenset(), **kwargs) -> None:
+        """`given`: the settings the config files and flags name (`given_settings`)."""
+        super().__init__(*args, **kwargs)
+        self.given = set(given)
 
     def config_text(self) -> str:
         if self.dumped is None:
@@ -353,12 +427,18 @@ class MLflowSaveConfig(SaveConfigCallback):
         if config.get("tracking_uri"):
             config.tracking_uri = redact_uri(config.tracking_uri)
         # what the config and the flags set: not bookkeeping, not a default left untouched
-        # (Lightning's Trainer has ~30 settings); a task's and its network's own stay all
-        defaults = flatten_config(self.parser.get_defaults().as_dict())
+        # (the Trainer's ~30 settings, the network's and the optimizer's own)
+        tree = config.as_dict()
+        defaults = {
+            **flatten_config(self.parser.get_defaults().as_dict()),
+            **class_defaults(tree),
+        }
+        self.configured = flatten_config(tree)
         params = {
             k: v
-            for k, v in flatten_config(config.as_dict()).items()
-            if k not in BOOKKEEPING and not (k in defaults and defaults[k] == v)
+            for k, v in self.configured.items()
+            if k not in BOOKKEEPING
+            and (k in self.given or k not in defaults or plain(defaults[k]) != plain(v))
         }
         params["trainer.world_size"] = trainer.world_size
         params["trainer.nodes_used"] = trainer.num_nodes
@@ -389,7 +469,8 @@ class MLflowSaveConfig(SaveConfigCallback):
             "data.batch_size": getattr(trainer.datamodule, "batch_size", None),
             "model.lr": pl_module.hparams.get("lr"),
         }
-        tuned = [k for k, v in used.items() if k in self.params and v != self.params[k]]
+        configured = self.configured or {}
+        tuned = [k for k, v in used.items() if k in configured and v != configured[k]]
         self.params.update({k: used[k] for k in tuned})
         logger = trainer.logger
         if tuned:  # a tuner callback changed them; the config has the values it started from

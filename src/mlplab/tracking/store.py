@@ -220,10 +220,15 @@ def check_writable(database: Path) -> None:
         )
 
 
+# the tag MLflow's UI reads (and its kind selector writes) to choose an experiment's first page
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client, name: str, tracking_uri: str) -> str:
     """The experiment's id, creating it laid out as `MLflowLogger` lays out a local store
     (`<store>/<experiment>/`), whoever creates it first (fit, sweep or baseline; jobs starting
-    together on a server race to create it: the losers take the winner's)."""
+    together on a server race to create it: the losers take the winner's). Its kind says
+    "model training" (`EXPERIMENT_KIND`): the UI opens on its runs, not on a GenAI overview."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
@@ -232,7 +237,7 @@ def ensure_experiment(client, name: str, tracking_uri: str) -> str:
     root = local_store_root(tracking_uri)
     location = experiment_dir(name, tracking_uri).resolve().as_uri() if root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

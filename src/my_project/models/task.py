@@ -139,8 +139,8 @@ class Task(LightningModule):
                 gathered.flush()
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         self.log_dict(getattr(self, f"{stage}_metrics"))
-        if stage != "train":
-            self.log(f"{stage}/samples", getattr(self, f"{stage}_samples"))
+        if stage != "train":  # a count for the summary line, not a metric to chart
+            self.log(f"{stage}/samples", getattr(self, f"{stage}_samples"), logger=False)
         if stage != "test":  # a test has no epoch or step of its own (the tested checkpoint's)
             self.log("epoch", float(self.current_epoch))
             self.log("step", float(self.global_step))  # Lightning's logger connector: the x
