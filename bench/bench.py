@@ -350,6 +350,10 @@ def main() -> None:
         "mlplab fit, --model.optimizer.fused true": mlplab_fit(
             args.epochs, args.data_dir, store, plain, "--model.optimizer.fused", "true"
         ),
+        # the defaults sample system metrics every second: what that costs an epoch
+        "mlplab fit, --log_system_metrics false": mlplab_fit(
+            args.epochs, args.data_dir, store, plain, "--log_system_metrics", "false"
+        ),
     }
     pairs = {name: run["pairs"] for name, run in runs.items()}
     if not args.skip_idiom:

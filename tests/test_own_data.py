@@ -3,6 +3,7 @@ weights, predictions by name, and every bad input as one line with no run create
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -141,6 +142,30 @@ BAD_TABLES = {
     "fraction": ({"target": "label", "val_fraction": 1.5}, "data.val_fraction is 1.5"),
     "fractions sum": ({"target": "label", "val_fraction": 0.5, "test_fraction": 0.5},
                       "their sum must be below 1"),
+    # values that are no float32, named by their cell, not blamed on the learning rate later
+    "overflow": ({"path": "big.csv", "target": "label", "features": ["age", "income"]},
+                 "column 'income' is not a finite float32 at data row 8 (1e+300)"),
+    "infinity": ({"path": "inf.csv", "target": "label", "features": ["age", "income"]},
+                 "column 'income' is not a finite float32 at data row 8 (inf)"),
+    "2,000,000 digits": ({"path": "digits.csv", "target": "label", "features": ["income"]},
+                         "column 'income' is not a finite float32 at data row 8"),
+    "one bad cell": ({"path": "oops.csv", "target": "label", "features": ["age", "income"]},
+                     "feature column 'age' holds text ('oops', data row 5)"),
+    "null target": ({"path": "nulls.parquet", "target": "label", "features": ["age"]},
+                    "nulls.parquet: target column 'label' has 1 missing value(s) (data rows 4)"),
+    "null feature": ({"path": "nulls.parquet", "target": "floor", "features": ["income"]},
+                     "column 'income' has 1 missing value(s)"),
+    "dates": ({"path": "dates.parquet", "target": "label", "features": ["age", "when"]},
+              "feature column 'when' holds dates or times (datetime64"),
+    "lists": ({"path": "lists.parquet", "target": "label", "features": ["age", "tags"]},
+              "feature column 'tags' holds lists or records"),
+    "target as feature": ({"target": "label", "features": ["age", "label"]},
+                          "data.features lists the target 'label'"),
+    "duplicated header": ({"path": "dup.csv", "target": "label"},
+                          "dup.csv: duplicated column name 'a' (columns 1 and 3); rename one"),
+    "gzip as .csv": ({"path": "packed.csv", "target": "label"},
+                     "packed.csv holds gzip data: name it packed.csv.gz"),
+    "a folder": ({"path": "folder.csv", "target": "label"}, "folder.csv is a folder; a table"),
 }  # fmt: skip
 
 
@@ -152,6 +177,22 @@ def bad_files(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "binary.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 50)
     (tmp_path / "t.xyz").write_text("a,b\n1,2\n")
+    for name, column, cell in (("big.csv", "income", "1e300"), ("inf.csv", "income", "inf"),
+                               ("digits.csv", "income", "1" * 2_000_000),
+                               ("oops.csv", "age", "oops")):  # fmt: skip
+        changed = frame.astype({column: object})
+        changed.loc[7 if column == "income" else 4, column] = cell
+        table(tmp_path, changed, name)
+    nulls = frame.astype({"label": object, "income": object})
+    nulls.loc[3, "label"], nulls.loc[5, "income"] = None, None
+    table(tmp_path, nulls, "nulls.parquet")
+    table(tmp_path, frame.assign(when=pd.date_range("2020-01-01", periods=len(frame))),
+          "dates.parquet")  # fmt: skip
+    table(tmp_path, frame.assign(tags=[[1, 2]] * len(frame)), "lists.parquet")
+    (tmp_path / "dup.csv").write_text("a,b,a,label\n" + "".join(f"{i},{i},{i},{i % 2}\n"
+                                                             for i in range(20)))  # fmt: skip
+    (tmp_path / "packed.csv").write_bytes(gzip.compress((tmp_path / "t.csv").read_bytes()))
+    (tmp_path / "folder.csv").mkdir()
     return tmp_path
 
 
@@ -224,6 +265,70 @@ def test_bad_image_folders_are_one_line(tmp_path):
         ImageFolderDataModule(path=str(root)).loaded()
     with pytest.raises(DatasetError, match="data.test_fraction is 0"):
         ImageFolderDataModule(path=str(root), test_fraction=0)
+
+
+def bad_image_folder(root: Path, case: str) -> Path:
+    """An image folder with one flaw; returns the path to give as data.path."""
+    image_folder(root)
+    if case == "truncated png":
+        whole = (root / "dark" / "1.png").read_bytes()
+        (root / "dark" / "1.png").write_bytes(whole[: len(whole) // 2])
+    elif case == "text named .png":
+        (root / "light" / "notes.png").write_text("not an image")
+    elif case == "empty class folder":
+        (root / "empty").mkdir()
+    elif case == "folder link up":
+        (root / "dark" / "up").symlink_to("..")
+    elif case == "folder link sideways":
+        (root / "dark" / "sideways").symlink_to("../light")
+    elif case == "one file twice":
+        (root / "dark" / "again.png").symlink_to(root / "light" / "1.png")
+    elif case == "a file as the folder":
+        return root / "dark" / "1.png"
+    return root
+
+
+BAD_IMAGES = {
+    "truncated png": "1.png is not a readable image (",
+    "text named .png": "notes.png is not a readable image (",
+    "empty class folder": "Found no valid file for the classes empty",
+    "folder link up": "dark/up links to the folder ..; links to folders inside an image folder",
+    "folder link sideways": "dark/sideways links to the folder ../light; links to folders",
+    "one file twice": "light/1.png are the same image file; remove one of them",
+    "a file as the folder": "1.png is a file; give the folder that holds the class folders",
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES, ids=str)
+def test_a_bad_image_folder_is_one_line_exit_2_and_no_run(case, tmp_path, store, capsys):
+    path = bad_image_folder(tmp_path / "imgs", case)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--data", "mlplab.data.ImageFolderDataModule", f"--data.path={path}",
+              "--data.image_size=8", "--model", "my_project.models.Classifier",
+              "--model.net", "my_project.models.MLP", "--experiment_name", "bad"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2
+    assert err[-1].startswith("mlplab: error: ") and BAD_IMAGES[case] in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert experiment_runs(store, "bad")[1] == []
+
+
+def test_each_image_file_is_one_sample_in_one_split(tmp_path):
+    """Files linked in from elsewhere count once each; the splits are disjoint by the file
+    each path resolves to, and the samples are the distinct files."""
+    elsewhere = image_folder(tmp_path / "elsewhere", per_class=5)
+    root = image_folder(tmp_path / "imgs", per_class=5)
+    for label in ("dark", "light"):
+        for i, image in enumerate(sorted((elsewhere / label).iterdir())):
+            (root / label / f"linked{i}{image.suffix}").symlink_to(image)
+    dm = ImageFolderDataModule(path=str(root), image_size=8, val_fraction=0.2,
+                               test_fraction=0.2)  # fmt: skip
+    assert dm.num_classes == 2
+    real = {split: {os.path.realpath(p) for p in paths} for split, paths in dm.paths.items()}
+    assert sum(len(r) for r in real.values()) == sum(len(p) for p in dm.paths.values()) == 20
+    assert not (real["train"] & real["val"] or real["train"] & real["test"]
+                or real["val"] & real["test"])  # fmt: skip
+    assert sum(len(x) for x, _ in dm.loaded().values()) == 20
 
 
 # --- weights ------------------------------------------------------------------------------------

@@ -120,6 +120,11 @@ def test_baselines_land_beside_the_networks_under_the_same_names(store, capsys):
     runs = {r.info.run_name: r for r in found}
     network, baseline = runs["network"], runs["logistic-regression"]
     assert baseline.data.tags["mlplab.command"] == "baseline"
+    # where it comes from, as a fit records it
+    assert baseline.data.tags["mlflow.source.name"] == "mlplab baseline"
+    assert baseline.data.tags["mlplab.configs"].endswith("digits_logreg.yaml")
+    assert baseline.data.tags["mlflow.source.git.commit"] == network.data.tags[
+        "mlflow.source.git.commit"]  # fmt: skip
     assert baseline.data.params["model"] == "sklearn.linear_model.LogisticRegression"
     assert set(baseline.data.metrics) <= set(network.data.metrics)  # same names, comparable
     assert 1 - baseline.data.metrics["val/acc"] <= 0.08  # seed 000: held-out error 0.074
@@ -138,6 +143,18 @@ def test_perceptron_baseline_has_accuracy_but_no_loss(store):
     _, (run,) = experiment_runs(store, "iris_classification")
     assert run.data.metrics["val/acc"] >= 0.8
     assert "val/loss" not in run.data.metrics  # a perceptron gives no probabilities
+
+
+def test_a_regressor_on_class_targets_is_refused_before_a_run(store, capsys):
+    """The converse of a classifier on values: R2 of class codes would be a FINISHED lie."""
+    with pytest.raises(SystemExit) as done:
+        main(["baseline", "--config", str(ROOT / "configs" / "baselines" / "iris_perceptron.yaml"),
+              "--estimator", "sklearn.linear_model.LinearRegression"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1, err
+    assert "LinearRegression is a regressor, but IrisClassificationDataModule has 3 classes; " \
+        "choose a classifier" in err[0]  # fmt: skip
+    assert experiment_runs(store, "iris_classification")[1] == []
 
 
 def test_registered_model_is_served_over_http(tmp_path):

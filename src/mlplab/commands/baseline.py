@@ -10,13 +10,15 @@ when they give probabilities); regressors `*/mae`, `*/rmse`, `*/r2`.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
-from sklearn.base import BaseEstimator, is_classifier
+from sklearn.base import BaseEstimator, is_classifier, is_regressor
 
 from mlplab.data.base import ArrayDataModule
 from mlplab.errors import UserError, parse_cause, say_mistake
+from mlplab.tracking import provenance
 from mlplab.tracking.logger import flatten_config
 from mlplab.tracking.store import ensure_experiment, local_store_root, open_store, store_lock
 
@@ -38,7 +40,16 @@ def scores(estimator, x: np.ndarray, y: np.ndarray, stage: str) -> dict[str, flo
     }
 
 
-def run_baseline(config) -> tuple[str, dict[str, float]]:
+def class_count(data) -> int | None:
+    """How many classes the data has (None: its target is a value)."""
+    try:
+        return getattr(data, "num_classes", None)
+    except AttributeError:  # a table with a regression target
+        return None
+
+
+def run_baseline(config, argv: list[str] | None = None) -> tuple[str, dict[str, float]]:
+    """Fit, score and log the estimator; `argv`: the command line, for the run's provenance."""
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
@@ -53,6 +64,13 @@ def run_baseline(config) -> tuple[str, dict[str, float]]:
     splits = {k: (x, y.ravel() if y.ndim > 1 and y.shape[1] == 1 else y)
               for k, (x, y) in splits.items()}  # fmt: skip
     estimator = init.estimator
+    classes = class_count(data)
+    if classes and is_regressor(estimator):  # scikit-learn would fit the class codes as values
+        raise UserError(
+            f"{type(estimator).__name__} is a regressor, but {type(data).__name__} has "
+            f"{classes} classes; choose a classifier (e.g. sklearn.linear_model."
+            "LogisticRegression) or data whose target is a value"
+        )
     model = make_pipeline(StandardScaler(), estimator) if data.standardize else estimator
     model.fit(*splits["train"])
     results = {}
@@ -68,8 +86,13 @@ def run_baseline(config) -> tuple[str, dict[str, float]]:
     for key in ("config", "experiment_name", "run_name", "tracking_uri"):
         params.pop(key, None)
     params["model"] = params.pop("estimator")  # the column the networks fill with their task
-    tags = {"mlplab.command": "baseline"}
-    with mlflow.start_run(run_name=config.run_name, tags=tags) as run:
+    args = list(argv or [])
+    configs = [str(path) for path in config.get("config") or []]
+    tags = {**provenance.tags("baseline", args, configs), "mlplab.command": "baseline"}
+    # named by its config (`digits_logreg 3f2a`): it shares the network's experiment
+    named = Path(configs[0]).stem if configs else config.experiment_name
+    name = config.run_name or provenance.run_name(named, args)
+    with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         mlflow.log_metrics(results)
         example = splits["train"][0][:5].astype(np.float32)
@@ -98,7 +121,7 @@ def main(argv: list[str]) -> None:
         print(say_mistake("mlplab baseline", parse_cause(str(err))), end="", file=sys.stderr)
         sys.exit(2)
     try:
-        run_id, results = run_baseline(config)
+        run_id, results = run_baseline(config, argv)
     except (UserError, ValueError) as err:
         print(f"mlplab baseline: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -121,7 +121,20 @@ class ColumnEncoding:
                         f"column {name!r} holds text ({column[text].iloc[0]!r}) where the model "
                         "takes numbers; declare it in data.categorical to encode it"
                     )
-                x[:, at] = values.to_numpy(dtype=np.float32)
+                with np.errstate(over="ignore"):  # overflow is refused below, by its cell
+                    x[:, at] = values.to_numpy(dtype=np.float32)
+                infinite = np.flatnonzero(~np.isfinite(x[:, at]))
+                if len(infinite):
+                    first = infinite[0]
+                    label = frame.index[first]
+                    row = int(label) + 1 if isinstance(label, int | np.integer) else first + 1
+                    cell = column.iloc[first]
+                    cell = str(cell) if isinstance(cell, float | int | np.number) else repr(cell)
+                    cell = cell if len(cell) <= 40 else f"{cell[:35]}...{cell[-1]}"
+                    raise EncodingError(
+                        f"column {name!r} is not a finite float32 at data row {row} ({cell}); "
+                        "fix or drop the row (float32 holds magnitudes up to 3.4e38)"
+                    )
                 at += 1
             else:
                 codes = pd.Categorical(column.astype(str), categories=cats).codes

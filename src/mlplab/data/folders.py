@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ class ImageFolderDataModule(FileDataModule):
             raise DatasetError(f"data.image_size {image_size}: give a side or [height, width]")
         self.size, self.grayscale = size, grayscale
         self.classes: list[str] | None = None
+        self.paths: dict[str, list[str]] = {}  # each split's image files, once loaded
 
     @property
     def channels(self) -> int:
@@ -45,7 +47,21 @@ class ImageFolderDataModule(FileDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Asked for by the CLI as the datamodule is made: every image is read here, so a bad
+        one stops the command before its run exists."""
+        self.loaded()
         return len(self.class_names)
+
+    def files(self) -> dict[str, Path]:
+        found = super().files()
+        for split, path in found.items():
+            if not path.is_dir():
+                key = "path" if split == "all" else f"{split}_path"
+                raise DatasetError(
+                    f"data.{key}: {path} is a file; give the folder that holds the class "
+                    f"folders ({path.parent}/<class>/<image>)"
+                )
+        return found
 
     @property
     def class_names(self) -> list[str]:
@@ -79,11 +95,13 @@ class ImageFolderDataModule(FileDataModule):
                 f"{root} has class folder(s) {', '.join(unknown)} that the training images lack"
             )
         index = {name: i for i, name in enumerate(self.class_names)}
+        refuse_folder_links(root)
         try:
             samples = make_dataset(str(root), {n: index[n] for n in names}, IMG_EXTENSIONS)
         except FileNotFoundError as err:  # a class folder without images
             raise DatasetError(f"{root}: {str(err).splitlines()[0]}") from None
         paths = [p for p, _ in samples]
+        refuse_twice({"": paths})
         return paths, np.array([label for _, label in samples], dtype=np.int64)
 
     def decode(self, paths: list[str]) -> torch.Tensor:
@@ -122,7 +140,39 @@ class ImageFolderDataModule(FileDataModule):
         }
         splits.update(found)
         order = [s for s in ("train", "val", "test") if s in splits]
+        self.paths = {split: splits[split][0] for split in order}
+        refuse_twice(self.paths)  # a file in two split folders
         return {
             split: (self.decode(splits[split][0]), torch.from_numpy(splits[split][1]))
             for split in order
         }
+
+
+def refuse_folder_links(root: Path) -> None:
+    """A link to a folder inside an image folder is refused: torchvision follows it, so it
+    counts images twice (`a/sideways -> ../b`) or loops (`a/up -> ..`)."""
+    for folder, subfolders, _ in os.walk(root):
+        for name in subfolders:
+            link = Path(folder) / name
+            if link.is_symlink():
+                raise DatasetError(
+                    f"{link} links to the folder {os.readlink(link)}; links to folders inside "
+                    "an image folder count images twice or loop: copy the images in, or link "
+                    "each file"
+                )
+
+
+def refuse_twice(paths: dict[str, list[str]]) -> None:
+    """One image file (by what its path resolves to) is one sample, in one split."""
+    seen: dict[str, tuple[str, str]] = {}
+    for split, listed in paths.items():
+        for path in listed:
+            real = os.path.realpath(path)
+            if real in seen:
+                first, where = seen[real]
+                place = f" (in {where} and {split})" if where != split else ""
+                raise DatasetError(
+                    f"{first} and {path} are the same image file{place}; remove one of them: "
+                    "a sample counted twice, or in two splits, inflates the scores"
+                )
+            seen[real] = (path, split)

@@ -32,6 +32,10 @@ READERS = {
     ".xls": (pd.read_excel, "usecols"),
 }
 COMPRESSED = (".gz", ".bz2", ".zip", ".xz", ".zst")
+# compressed data by its first bytes, and the extension that has pandas decompress it
+MAGIC = {b"\x1f\x8b": ("gzip", ".gz"), b"BZh": ("bzip2", ".bz2"), b"PK\x03\x04": ("zip", ".zip"),
+         b"\xfd7zXZ\x00": ("xz", ".xz"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst")}  # fmt: skip
+ARCHIVES = (".xlsx",)  # zip files by design
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -46,6 +50,30 @@ def reader(path: Path):
             f"name it {', '.join(READERS)} (optionally compressed: .gz, .zip, ...)"
         )
     return READERS[suffix]
+
+
+def check_file(path: Path) -> None:
+    """A folder, or compressed data under a plain name, is one line before pandas sees it."""
+    if path.is_dir():
+        raise DatasetError(f"{path} is a folder; a table is one file ({', '.join(READERS)})")
+    try:
+        with path.open("rb") as file:
+            head = file.read(6)
+    except OSError as err:
+        raise DatasetError(f"{path} cannot be read ({err.strerror})") from None
+    suffix = path.suffix.lower()
+    for magic, (kind, extension) in MAGIC.items():
+        if head.startswith(magic) and suffix != extension and suffix not in ARCHIVES:
+            raise DatasetError(
+                f"{path} holds {kind} data: name it {path.name}{extension} so it is "
+                "decompressed as it is read"
+            )
+
+
+def shown(value, limit: int = 40) -> str:
+    """A cell as a message quotes it: a number as written, else its repr, cut to `limit`."""
+    text = str(value) if isinstance(value, float | int | np.number) else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
 
 
 @contextmanager
@@ -64,16 +92,26 @@ def readable(path: Path):
 
 
 def header(path: Path) -> list[str] | None:
-    """The column names without reading the rows, where the format allows."""
+    """The column names without reading the rows, where the format allows; a name given twice
+    is one line (pandas would rename the second `a.1`)."""
     import pyarrow.parquet
 
     read, _ = reader(path)
+    names = None
     with readable(path):
         if read is pd.read_parquet:
-            return pyarrow.parquet.read_schema(path).names
-        if isinstance(read, partial) and read.func is pd.read_csv:
-            return list(pd.read_csv(path, sep=read.keywords.get("sep", ","), nrows=0).columns)
-    return None
+            names = pyarrow.parquet.read_schema(path).names
+        elif isinstance(read, partial) and read.func is pd.read_csv:
+            first = pd.read_csv(path, sep=read.keywords.get("sep", ","), header=None, nrows=1,
+                                dtype=str, keep_default_na=False)  # fmt: skip
+            names = first.iloc[0].tolist() if len(first) else []
+    for at, name in enumerate(names or []):
+        if name in names[:at]:
+            raise DatasetError(
+                f"{path}: duplicated column name {name!r} (columns {names.index(name) + 1} and "
+                f"{at + 1}); rename one so each column has its own name"
+            )
+    return names
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -90,10 +128,19 @@ def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return frame
 
 
+def data_rows(index: pd.Index) -> list[int]:
+    """Rows of a frame read from a file as the file counts them (1-based, header not counted):
+    a split keeps the labels of the rows it took."""
+    if pd.api.types.is_integer_dtype(index):
+        return [int(i) + 1 for i in index]
+    return list(range(1, len(index) + 1))
+
+
 def first_rows(mask: pd.Series, limit: int = 3) -> str:
-    """The first data rows (1-based, header not counted) where `mask` holds."""
-    rows = np.flatnonzero(mask.to_numpy())[:limit] + 1
-    return ", ".join(map(str, rows)) + (", ..." if mask.sum() > limit else "")
+    """The first data rows where `mask` holds."""
+    rows = [r for r, hit in zip(data_rows(mask.index), mask.to_numpy(), strict=True) if hit]
+    more = len(rows) > limit > 1  # one row named: the first of them
+    return ", ".join(map(str, rows[:limit])) + (", ..." if more else "")
 
 
 class TableDataModule(FileDataModule):
@@ -177,14 +224,18 @@ class TableDataModule(FileDataModule):
         from mlplab.data.columns import ColumnEncoding
 
         features = self.feature_columns(train)
+        where = {split: files.get(split) or files.get("all") or files["train"] for split in frames}
+        for split, frame in frames.items():  # every split's cells, not only the training ones
+            for name in features:
+                self.check_feature(frame[name], name in self.categorical, where[split])
         self.encoding = ColumnEncoding.fit(train, features, self.categorical, self.impute)
         self.fit_targets(train)
         self.example = train[features].head(5).reset_index(drop=True)
-        where = {split: files.get(split) or files.get("all") or files["train"] for split in frames}
         order = [s for s in ("train", "val", "test") if s in frames]
         return {split: self.tensors(frames[split], where[split], split) for split in order}
 
     def read(self, path: Path) -> pd.DataFrame:
+        check_file(path)
         columns = header(path)
         if columns is not None:
             self.check_columns(path, columns)
@@ -193,6 +244,7 @@ class TableDataModule(FileDataModule):
         if columns is None:
             self.check_columns(path, list(frame.columns))
             frame = frame[self.wanted_columns(list(frame.columns))]
+        self.check_complete(frame, self.targets, "target", path)  # before any split draws on it
         return frame
 
     def extra_columns(self) -> list[str]:
@@ -225,15 +277,42 @@ class TableDataModule(FileDataModule):
         if not features:
             raise DatasetError(f"{self.source}: no feature columns are left beside the target")
         for name in features:
-            column = frame[name]
-            numeric = pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)
-            if not numeric and name not in self.categorical:
-                example = column.dropna().iloc[0] if column.notna().any() else None
+            if name in self.targets:
                 raise DatasetError(
-                    f"{self.source}: feature column {name!r} holds text ({example!r}); list it in "
-                    "data.categorical to one-hot encode it, or leave it out of data.features"
+                    f"{self.source}: data.features lists the target {name!r}; a target is no "
+                    "input of its own model: leave it out of data.features"
                 )
         return features
+
+    def check_feature(self, column: pd.Series, categorical: bool, path: Path) -> None:
+        """A column the network can take: numbers, or text declared categorical; dates and
+        lists are named as such, and text in a number column by its first such cell."""
+        name = column.name
+        if pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(
+            column
+        ):
+            raise DatasetError(
+                f"{path}: feature column {name!r} holds dates or times ({column.dtype}); "
+                "turn them into numbers (days since a date, a weekday, ...) or leave it out"
+            )
+        cells = column.dropna()
+        nested = cells.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray))
+        if nested.any():
+            raise DatasetError(
+                f"{path}: feature column {name!r} holds lists or records "
+                f"({shown(cells[nested].iloc[0])}, data row {first_rows(nested, 1)}); a cell "
+                "is one number or category: spread them over columns of their own"
+            )
+        numeric = pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)
+        if numeric or categorical:
+            return
+        text = pd.to_numeric(cells, errors="coerce").isna()
+        if text.any():
+            raise DatasetError(
+                f"{path}: feature column {name!r} holds text ({shown(cells[text].iloc[0])}"
+                f", data row {first_rows(text, 1)}); list it in data.categorical to one-hot "
+                "encode it, fix the cell if it should be a number, or leave the column out"
+            )
 
     def split_frame(self, frame: pd.DataFrame, path: Path) -> dict[str, pd.DataFrame]:
         if self.split_column is None:
@@ -296,13 +375,14 @@ class TableDataModule(FileDataModule):
         self.encoding.class_names = [str(v) for v in values]
         self.label_values = list(values)
 
-    def check_complete(self, frame: pd.DataFrame, columns: list[str], what: str) -> None:
+    def check_complete(self, frame: pd.DataFrame, columns: list[str], what: str,
+                       path: Path | None = None) -> None:  # fmt: skip
         for name in columns:
             missing = frame[name].isna()
             if missing.any():
                 raise DatasetError(
-                    f"{self.source}: {what} column {name!r} has {int(missing.sum())} missing "
-                    f"value(s) (data rows {first_rows(missing)}); drop those rows"
+                    f"{path or self.source}: {what} column {name!r} has {int(missing.sum())} "
+                    f"missing value(s) (data rows {first_rows(missing)}); drop those rows"
                 )
 
     def tensors(self, frame: pd.DataFrame, path: Path, split: str) -> Split:
@@ -324,7 +404,18 @@ class TableDataModule(FileDataModule):
                 )
             y = torch.from_numpy(codes.astype(np.int64))
         else:
-            y = torch.from_numpy(frame[self.targets].to_numpy(dtype=np.float32, copy=True))
+            with np.errstate(over="ignore"):  # overflow is refused below, by its cell
+                values = frame[self.targets].to_numpy(dtype=np.float32, copy=True)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row, col = (int(i[0]) for i in np.nonzero(bad))
+                name = self.targets[col]
+                raise DatasetError(
+                    f"{path}: target {name!r} is not a finite float32 at data row "
+                    f"{data_rows(frame.index)[row]} ({shown(frame[name].iloc[row])}); fix or "
+                    "drop the row (float32 holds magnitudes up to 3.4e38)"
+                )
+            y = torch.from_numpy(values)
         if self.weight_column is None:
             return x, y
         return x, y, self.sample_weights(frame, path)
