@@ -119,6 +119,10 @@ CASES = {
     "export missing checkpoint": ("export --model {dir}/x.ckpt --output m.onnx", "x.ckpt does not exist"),
     "export text checkpoint": ("export --model {text} --output m.onnx", "text.ckpt is not a readable checkpoint (not a PyTorch file)"),
     "export under a file": ("export --model {best} --output {afile}/m.onnx", "cannot create the folder of"),
+    "export to a folder": ("export --model {best} --output {dir}", "is a folder; give the path of the file to write in it"),
+    "export tolerance -1": ("export --model {best} --output m.onnx --tolerance -1", "--tolerance -1.0: the largest difference allowed is a finite number above 0"),
+    "export tolerance nan": ("export --model {best} --output m.onnx --tolerance nan", "--tolerance nan: the largest difference allowed"),
+    "predict to a folder": ("predict --model {best} --input {csv} --output {dir}", "is a folder; give the path of the file to write in it"),
     # sweep
     "sweep missing file": ("sweep {dir}/nope.yaml", "nope.yaml does not exist (or is not a file)"),
     "sweep a config as file": ("sweep {xor}", "expected keys config, grid (a mapping)"),
@@ -126,6 +130,10 @@ CASES = {
     "sweep grid no values": ("sweep --config {xor} --grid model.lr=", "--grid 'model.lr=': write KEY=[VALUE, ...]"),
     "sweep grid split": ("sweep --config {xor} --grid model.lr=[0.1, 0.01]", "--grid 'model.lr=[0.1,': write KEY=[VALUE, ...]"),
     "sweep no grid": ("sweep --config {xor}", "mlplab sweep: error: give --config and --grid, or a sweep file"),
+    "sweep workers -1": ("sweep --config {xor} --grid model.lr=[0.1] --workers -1", "--workers -1: at least 1"),
+    "sweep unknown grid key": ("sweep --config {xor} --grid model.lrr=[0.1,0.2]", "--grid model.lrr: not a setting of this config; did you mean model.lr?"),
+    "sweep value of a wrong type": ("sweep --config {xor} --grid data.batch_size=[4,abc]", "--grid data.batch_size: 'abc' is refused: data.batch_size: Expected a <class 'int'>"),
+    "sweep value refused by its class": ("sweep --config {xor} --grid model.lr=[0.1,-1]", "--grid model.lr: -1 is refused"),
     "sweep bad store": ("sweep --config {xor} --grid model.lr=[0.1] --tracking_uri foo://x", "tracking URI 'foo://x': MLflow has no store for foo"),
     # search
     "search no space": ("search --config {xor}", "give --config and --space, or a search file"),
@@ -143,6 +151,7 @@ CASES = {
     "sync no journal": ("sync {dir}", "no run journal in"),
     "reproduce unknown name": ("reproduce --experiments my_project.experiments --only nope", "unknown experiment(s) nope; choose from xor"),
     "server bad port": ("server --port 99999", "--port 99999: a TCP port is 1 to 65535"),
+    "server root a file": ("server --root {afile}", "afile is a file; give the folder for the database and the artifacts"),
     "unknown command": ("train", "unknown command 'train'; `mlplab --help` lists them"),
 }  # fmt: skip
 

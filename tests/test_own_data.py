@@ -435,6 +435,23 @@ def test_the_table_model_takes_raw_rows_and_matches_the_checkpoint(examples, nam
         assert list(served.columns) == ["progression"]
 
 
+@pytest.mark.parametrize("model", ["logged", "checkpoint"])
+def test_predict_names_the_columns_a_table_lacks(examples, model, capsys, monkeypatch):
+    """From the logged model as from the checkpoint: the column's name, not MLflow's cut-off
+    dump of the rows."""
+    _, (run,) = experiment_runs(store_uri(examples), "wine")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(examples))
+    rows = pd.read_csv(examples / "data" / "examples" / "wine.csv").drop(columns=["cultivar"])
+    rows.drop(columns=["alcohol", "hue"]).head(3).to_csv(examples / "short.csv", index=False)
+    ref = (f"runs:/{run.info.run_id}/model" if model == "logged" else
+           str(next((examples / "mlruns" / "wine" / run.info.run_id).rglob("best-*.ckpt"))))
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--model", ref, "--input", str(examples / "short.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1, err
+    assert "short.csv: missing column(s) 'alcohol', 'hue'; the model takes 'alcohol'" in err[0]
+
+
 def test_predict_names_the_image_folders_classes(examples, capsys, monkeypatch):
     _, (run,) = experiment_runs(store_uri(examples), "digits_folder")
     pixels = np.asarray(Image.open(examples / "data/examples/digits/7/0007.png"), np.float32)

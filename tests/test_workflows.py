@@ -16,7 +16,7 @@ from mlplab.commands.sweep import POINT_TAG
 from mlplab.main import main
 
 XOR = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
-SWEEP = ["sweep", "--config", config("xor"), "--grid", "model.lr=[0.02,0.05]",
+SWEEP = ["sweep", "--config", config("xor"), "--grid", "model.lr=[0.02,0.05,0.02]",
          "model.net.hidden_sizes=[[4,4],[8]]", "--metric", "val/loss", "--workers", "2",
          "--register_model", "xor-sweep-best", "--trainer.max_epochs=30"]  # fmt: skip
 
@@ -28,7 +28,8 @@ def sweep(tmp_path_factory):
 
 
 def test_sweep_is_a_parent_with_a_child_per_point(sweep):
-    uri, _, _ = sweep
+    uri, _, done = sweep
+    assert "mlplab: sweep: model.lr=0.02 given twice in the grid; trained once" in done.stderr
     _, found = experiment_runs(uri, "xor")
     parents = [r for r in found if r.data.tags.get("mlplab.command") == "sweep"]
     children = [r for r in found if r.data.tags.get("mlflow.parentRunId")]

@@ -9,6 +9,7 @@ and the result must match the checkpoint's own outputs (max abs difference print
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-5)
     add_weights_only_argument(parser)
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        parser.exit(2, f"mlplab export: error: --tolerance {args.tolerance}: the largest "
+                    "difference allowed is a finite number above 0, e.g. 1e-5\n")  # fmt: skip
     trust_from_arguments(args)
     try:
         difference = export_onnx(args.model, output_folder(args.output), args.tolerance)

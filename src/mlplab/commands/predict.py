@@ -186,6 +186,7 @@ class Predictor:
             raise UserError(f"cannot load model {ref}: {first_line}") from None
         schema = model.metadata.get_input_schema()
         self.columns = schema is not None and not schema.is_tensor_spec()
+        self.required = schema.required_input_names() if self.columns else []
         if schema is not None and schema.is_tensor_spec():
             self.width = schema.inputs[0].shape[-1]
         self.names = (model.metadata.metadata or {}).get("mlplab", {})
@@ -204,8 +205,15 @@ class Predictor:
         if self.columns:  # a table's MLflow model: named columns both ways
             from mlflow.exceptions import MlflowException
 
+            rows = read_rows(path)
+            absent = [name for name in self.required if name not in rows.columns]
+            if absent:  # MLflow's own message quotes the rows, cut off
+                raise UserError(
+                    f"{path}: missing column(s) {', '.join(map(repr, absent))}; the model "
+                    f"takes {', '.join(map(repr, self.required))}"
+                )  # the words `ColumnEncoding` has for a checkpoint
             try:
-                return self.model.predict(read_rows(path))
+                return self.model.predict(rows)
             except (MlflowException, ValueError) as err:
                 reason = str(err).strip().splitlines()[0]
                 raise UserError(f"{path}: the model cannot take these rows ({reason})") from None
@@ -221,6 +229,8 @@ class Predictor:
 
 
 def predict_file(model: str, input_path: Path, output_path: Path | None) -> pd.DataFrame:
+    if output_path is not None:
+        output_folder(output_path)  # a folder or an unwritable place: said before the work
     frame = Predictor(model)(input_path)
     write_frame(frame, output_path)
     return frame

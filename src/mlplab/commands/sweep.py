@@ -52,6 +52,54 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
+def without_repeats(grid: dict[str, list]) -> dict[str, list]:
+    """Each value of a dimension once, saying which were given twice: the same point trained
+    twice would be two runs of one setting."""
+    unique = {}
+    for key, values in grid.items():
+        unique[key] = [v for i, v in enumerate(values) if v not in values[:i]]
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            shown = ", ".join(f"{key}={v}" for v in repeated)
+            print(f"mlplab: sweep: {shown} given twice in the grid; trained once", file=sys.stderr)
+    return unique
+
+
+def check_grid(configs: list[str], grid: dict[str, list], extra: list[str]) -> None:
+    """Every key a setting of the config, every value one it takes, as `mlplab fit` parses and
+    builds them (no Trainer, no run): before the parent run exists, as `mlplab search` checks
+    its space."""
+    import difflib
+
+    from jsonargparse import ArgumentError
+
+    from mlplab.commands.search.check import ConfigCheck, lookup, short_keys
+    from mlplab.errors import parse_cause
+
+    base = ["--trainer.devices=1", *[a for c in configs for a in ("--config", c)], *extra]
+    try:
+        check = ConfigCheck(base)
+    except ArgumentError as err:
+        raise UserError(f"the fit settings are refused: {parse_cause(str(err))}") from None
+    for key, values in grid.items():
+        if key != "config":
+            try:
+                lookup(check.config, key)
+            except KeyError:
+                close = difflib.get_close_matches(key, short_keys(check.config), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise UserError(f"--grid {key}: not a setting of this config{hint}") from None
+        for value in values:
+            try:  # parsed, then built: a class refuses what its type admits (a negative lr)
+                check.config = check.parse([*base, *point_args({key: value})])
+                check.instantiate_classes()
+            except ArgumentError as err:
+                reason = parse_cause(str(err))
+                raise UserError(f"--grid {key}: {value!r} is refused: {reason}") from None
+            except UserError as err:
+                raise UserError(f"--grid {key}: {value!r} is refused: {err}") from None
+
+
 def points(grid: dict[str, list]) -> list[dict]:
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
@@ -242,11 +290,18 @@ def main(argv: list[str]) -> None:
     for config in configs + [v for v in grid.get("config", [])]:
         if not Path(config).is_file():
             parser.exit(2, f"mlplab sweep: error: config file {config} does not exist\n")
+    if args.workers < 1:
+        parser.exit(2, f"mlplab sweep: error: --workers {args.workers}: at least 1\n")
     metric = args.metric or spec.get("metric", "val/loss")
     mode = args.mode or spec.get("mode") or better(metric)
     experiment = args.experiment_name or Path(configs[0]).stem
     name = args.name or spec.get("name") or f"sweep-{experiment}"
     extra = [*map(str, spec.get("args", [])), *extra]
+    grid = without_repeats(grid)
+    try:
+        check_grid(configs, grid, extra)
+    except UserError as err:
+        parser.exit(2, f"mlplab sweep: error: {err}\n")
     sweep = Sweep(configs, grid, metric, mode, extra, experiment, name, args.tracking_uri)
     result = sweep.run(args.workers)
     if args.register_model and result["best"] is not None:

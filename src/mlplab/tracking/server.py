@@ -323,6 +323,9 @@ def main(argv: list[str]) -> None:
         parser.error(f"--port {args.port}: a TCP port is 1 to 65535")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: at least 1")
+    if args.root.exists() and not args.root.is_dir():
+        parser.error(f"--root {args.root} is a file; give the folder for the database and "
+                     "the artifacts")  # fmt: skip
     address = args.host.strip("[]")
     if not address:
         parser.error("--host: give an address, e.g. 0.0.0.0 or the node's name")

@@ -55,8 +55,12 @@ def folder_name(name: str) -> str:
 
 
 def output_folder(path: Path) -> Path:
-    """An output file's folder, created if missing; one line if it cannot be."""
+    """An output file's folder, created if missing; one line if it cannot be, or if the
+    output is a folder."""
     from mlplab.errors import UserError
+
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the path of the file to write in it")
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
