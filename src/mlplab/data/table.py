@@ -251,11 +251,17 @@ class TableDataModule(FileDataModule):
         return [c for c in (self.weight_column, self.split_column) if c is not None]
 
     def wanted_columns(self, columns: list[str]) -> list[str]:
-        if self.features is not None:
-            return [*self.features, *self.targets, *self.extra_columns()]
+        if self.features is not None:  # each once: a column named twice would be read twice
+            return list(dict.fromkeys([*self.features, *self.targets, *self.extra_columns()]))
         return list(columns)
 
     def check_columns(self, path: Path, columns: list[str]) -> None:
+        both = [name for name in self.features or [] if name in self.targets]
+        if both:
+            raise DatasetError(
+                f"{path}: data.features lists the target {both[0]!r}; a target is no input of "
+                "its own model: leave it out of data.features"
+            )
         named = {
             "target": self.targets,
             "features": self.features or [],
@@ -276,12 +282,6 @@ class TableDataModule(FileDataModule):
         features = self.features or [c for c in frame.columns if c not in taken]
         if not features:
             raise DatasetError(f"{self.source}: no feature columns are left beside the target")
-        for name in features:
-            if name in self.targets:
-                raise DatasetError(
-                    f"{self.source}: data.features lists the target {name!r}; a target is no "
-                    "input of its own model: leave it out of data.features"
-                )
         return features
 
     def check_feature(self, column: pd.Series, categorical: bool, path: Path) -> None:
