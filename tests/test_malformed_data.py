@@ -3,8 +3,8 @@ cases): each either loads with every written row or distinct image counted once,
 with finite inputs, or is refused with one line that names the file. Never an exception of
 another kind (which the CLI would show as a traceback), never a silently wrong count.
 
-The CLI turns a refusal into `mlplab: error: ...`, exit 2 and no run
-(`test_own_data.py::test_a_bad_table_is_one_line_exit_2_and_no_run` and its image twin)."""
+A sample of the refused cases goes through `mlplab fit` as real processes (forked from one
+that imported everything): exit 2, one line, and no run in the store."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import experiment_runs
 from mlplab.data import ImageFolderDataModule, TableDataModule
 from mlplab.errors import DatasetError
 
@@ -197,3 +198,43 @@ def test_generated_image_folders_count_each_file_once_or_are_refused_in_one_line
         assert len(set().union(*real)) == counts, what  # none in two splits
         for x, _ in data.values():
             assert torch.isfinite(x).all() and x.shape[1] == 16, what
+
+
+def refused(module) -> bool:
+    try:
+        module.loaded()
+    except DatasetError:
+        return True
+    return False
+
+
+def test_refused_cases_stop_mlplab_fit_with_one_line_and_no_run(cli, tmp_path):
+    """The first 12 refused tables and 6 refused image folders of the generator, as `mlplab
+    fit` meets them."""
+    cases = []
+    for seed in range(200):
+        folder = tmp_path / f"t{seed}"
+        folder.mkdir()
+        settings, _, flaws = table_case(random.Random(seed), folder)
+        if refused(TableDataModule(**settings)):
+            cases.append((folder, "mlplab.data.TableDataModule", settings, flaws))
+        if len(cases) == 12:
+            break
+    for seed in range(200):
+        settings, flaws = image_case(random.Random(seed), tmp_path / f"i{seed}")
+        if refused(ImageFolderDataModule(**settings)):
+            cases.append((tmp_path / f"i{seed}", "mlplab.data.ImageFolderDataModule", settings,
+                          flaws))  # fmt: skip
+        if len(cases) == 18:
+            break
+    assert len(cases) == 18
+    for folder, data, settings, flaws in cases:
+        flags = [f"--data.{k}={v}" for k, v in settings.items() if v is not None]
+        store = f"sqlite:///{folder}/mlruns/mlflow.db"
+        done = cli.run(["fit", "--data", data, *flags, "--model", "my_project.models.Classifier",
+                        "--model.net", "my_project.models.MLP", "--experiment_name", "bad"],
+                       folder, {"MLFLOW_TRACKING_URI": store})  # fmt: skip
+        said = done.said
+        assert done.code == 2 and "Traceback" not in done.stderr, (flaws, done.stderr[-2000:])
+        assert len(said) == 1 and said[0].startswith("mlplab: error: "), (flaws, said)
+        assert experiment_runs(store, "bad")[1] == [], flaws

@@ -63,6 +63,9 @@ def _quiet() -> None:
         r".*args parameter is intended",  # `mlplab reproduce` drives the CLI from Python
         r".*configured with multiple `ModelCheckpoint`",  # the first is the best: as intended
         r".*The `srun` command is available",  # scripts/slurm/ runs mlplab under srun
+        # `seed_everything: true` (LightningCLI's default): said before a mistake in the data
+        # is found; Lightning's "Seed set to 0" line, held until a stage starts, says it too
+        r"No seed found, seed set to",
     ):
         warnings.filterwarnings("ignore", message=message)
     # `mlflow.pytorch` calls `logging.basicConfig` on import (mlflow 3.17,

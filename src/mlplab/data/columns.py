@@ -21,6 +21,13 @@ class EncodingError(ValueError):
     """Rows the encoding cannot take (a missing column, a missing value, text for a number)."""
 
 
+def row_of(frame: pd.DataFrame, position: int) -> int:
+    """A row as its file counts it (1-based, header not counted): a split keeps the labels of
+    the rows it took from the file; other frames count by position."""
+    label = frame.index[position]
+    return int(label) + 1 if isinstance(label, int | np.integer) else int(position) + 1
+
+
 class ColumnEncoding:
     """Numeric features as they are (float32), categorical ones one-hot over the categories the
     training split has (an unseen category is all zeros, as scikit-learn's
@@ -110,7 +117,8 @@ class ColumnEncoding:
                 if fill is None:
                     raise EncodingError(
                         f"column {name!r} has {int(missing.sum())} missing value(s) in "
-                        f"{len(frame)} rows; drop those rows, or train with data.impute"
+                        f"{len(frame)} rows (data row {row_of(frame, missing.argmax())}); drop "
+                        "those rows, or train with data.impute"
                     )
                 column = column.fillna(fill)
             if cats is None:
@@ -126,8 +134,7 @@ class ColumnEncoding:
                 infinite = np.flatnonzero(~np.isfinite(x[:, at]))
                 if len(infinite):
                     first = infinite[0]
-                    label = frame.index[first]
-                    row = int(label) + 1 if isinstance(label, int | np.integer) else first + 1
+                    row = row_of(frame, first)
                     cell = column.iloc[first]
                     cell = str(cell) if isinstance(cell, float | int | np.number) else repr(cell)
                     cell = cell if len(cell) <= 40 else f"{cell[:35]}...{cell[-1]}"
