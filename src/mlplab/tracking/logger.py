@@ -384,6 +384,7 @@ def plain(value: Any) -> Any:
 BOOKKEEPING = (
     "experiment_name", "run_name", "tracking_uri", "ckpt_path", "weights_only",
     "register_model", "register_alias", "verbose", "trainer.default_root_dir",
+    "log_system_metrics", "tags",
 )  # fmt: skip
 
 
