@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -239,6 +240,24 @@ def test_onnx_export_matches_the_checkpoint(name, tmp_path, capsys):
     expected = inference_module(task)(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], expected,
                                atol=1e-5)  # fmt: skip
+
+
+def test_an_output_where_nothing_may_be_written_is_one_line_first(tmp_path, monkeypatch, capsys):
+    """Said before the checkpoint is even read (tests run as root, who may write anywhere:
+    the permission is what `os.access` answers)."""
+    from pathlib import Path
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if Path(path) == locked and mode == os.W_OK else access(path, mode, **kw)))
+    with pytest.raises(SystemExit) as done:
+        main(["export", "--model", str(tmp_path / "none.ckpt"), "--output",
+              str(locked / "m.onnx")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1, err
+    assert f"cannot write {locked / 'm.onnx'}: no write permission there" in err[0]
 
 
 def test_export_names_a_missing_checkpoint(tmp_path, capsys):
