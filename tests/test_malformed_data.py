@@ -209,7 +209,7 @@ def refused(module) -> bool:
 
 
 def test_refused_cases_stop_mlplab_fit_with_one_line_and_no_run(cli, tmp_path):
-    """The first 12 refused tables and 6 refused image folders of the generator, as `mlplab
+    """The first 8 refused tables and 4 refused image folders of the generator, as `mlplab
     fit` meets them."""
     cases = []
     for seed in range(200):
@@ -218,16 +218,16 @@ def test_refused_cases_stop_mlplab_fit_with_one_line_and_no_run(cli, tmp_path):
         settings, _, flaws = table_case(random.Random(seed), folder)
         if refused(TableDataModule(**settings)):
             cases.append((folder, "mlplab.data.TableDataModule", settings, flaws))
-        if len(cases) == 12:
+        if len(cases) == 8:
             break
     for seed in range(200):
         settings, flaws = image_case(random.Random(seed), tmp_path / f"i{seed}")
         if refused(ImageFolderDataModule(**settings)):
             cases.append((tmp_path / f"i{seed}", "mlplab.data.ImageFolderDataModule", settings,
                           flaws))  # fmt: skip
-        if len(cases) == 18:
+        if len(cases) == 12:
             break
-    assert len(cases) == 18
+    assert len(cases) == 12
     for folder, data, settings, flaws in cases:
         flags = [f"--data.{k}={v}" for k, v in settings.items() if v is not None]
         store = f"sqlite:///{folder}/mlruns/mlflow.db"
