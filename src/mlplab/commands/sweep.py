@@ -69,11 +69,9 @@ def check_grid(configs: list[str], grid: dict[str, list], extra: list[str]) -> N
     """Every key a setting of the config, every value one it takes, as `mlplab fit` parses and
     builds them (no Trainer, no run): before the parent run exists, as `mlplab search` checks
     its space."""
-    import difflib
-
     from jsonargparse import ArgumentError
 
-    from mlplab.commands.search.check import ConfigCheck, lookup, short_keys
+    from mlplab.commands.search.check import ConfigCheck, not_a_setting
     from mlplab.errors import parse_cause
 
     base = ["--trainer.devices=1", *[a for c in configs for a in ("--config", c)], *extra]
@@ -82,13 +80,8 @@ def check_grid(configs: list[str], grid: dict[str, list], extra: list[str]) -> N
     except ArgumentError as err:
         raise UserError(f"the fit settings are refused: {parse_cause(str(err))}") from None
     for key, values in grid.items():
-        if key != "config":
-            try:
-                lookup(check.config, key)
-            except KeyError:
-                close = difflib.get_close_matches(key, short_keys(check.config), n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                raise UserError(f"--grid {key}: not a setting of this config{hint}") from None
+        if key != "config" and (hint := not_a_setting(check.config, key)) is not None:
+            raise UserError(f"--grid {key}: not a setting of this config{hint}")
         for value in values:
             try:  # parsed, then built: a class refuses what its type admits (a negative lr)
                 check.config = check.parse([*base, *point_args({key: value})])

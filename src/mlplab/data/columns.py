@@ -28,6 +28,12 @@ def row_of(frame: pd.DataFrame, position: int) -> int:
     return int(label) + 1 if isinstance(label, int | np.integer) else int(position) + 1
 
 
+def shown(value, limit: int = 40) -> str:
+    """A cell as a message quotes it: a number as written, else its repr, cut to `limit`."""
+    text = str(value) if isinstance(value, float | int | np.number) else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
+
+
 class ColumnEncoding:
     """Numeric features as they are (float32), categorical ones one-hot over the categories the
     training split has (an unseen category is all zeros, as scikit-learn's
@@ -134,12 +140,9 @@ class ColumnEncoding:
                 infinite = np.flatnonzero(~np.isfinite(x[:, at]))
                 if len(infinite):
                     first = infinite[0]
-                    row = row_of(frame, first)
-                    cell = column.iloc[first]
-                    cell = str(cell) if isinstance(cell, float | int | np.number) else repr(cell)
-                    cell = cell if len(cell) <= 40 else f"{cell[:35]}...{cell[-1]}"
                     raise EncodingError(
-                        f"column {name!r} is not a finite float32 at data row {row} ({cell}); "
+                        f"column {name!r} is not a finite float32 at data row "
+                        f"{row_of(frame, first)} ({shown(column.iloc[first])}); "
                         "fix or drop the row (float32 holds magnitudes up to 3.4e38)"
                     )
                 at += 1

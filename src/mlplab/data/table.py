@@ -70,12 +70,6 @@ def check_file(path: Path) -> None:
             )
 
 
-def shown(value, limit: int = 40) -> str:
-    """A cell as a message quotes it: a number as written, else its repr, cut to `limit`."""
-    text = str(value) if isinstance(value, float | int | np.number) else repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
-
-
 @contextmanager
 def readable(path: Path):
     """An unreadable or empty file is one line naming it, whichever library found out."""
@@ -128,17 +122,11 @@ def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return frame
 
 
-def data_rows(index: pd.Index) -> list[int]:
-    """Rows of a frame read from a file as the file counts them (1-based, header not counted):
-    a split keeps the labels of the rows it took."""
-    if pd.api.types.is_integer_dtype(index):
-        return [int(i) + 1 for i in index]
-    return list(range(1, len(index) + 1))
-
-
 def first_rows(mask: pd.Series, limit: int = 3) -> str:
-    """The first data rows where `mask` holds."""
-    rows = [r for r, hit in zip(data_rows(mask.index), mask.to_numpy(), strict=True) if hit]
+    """The first data rows where `mask` holds, as the file counts them (`row_of`)."""
+    from mlplab.data.columns import row_of
+
+    rows = [row_of(mask, at) for at in np.flatnonzero(mask.to_numpy())]
     more = len(rows) > limit > 1  # one row named: the first of them
     return ", ".join(map(str, rows[:limit])) + (", ..." if more else "")
 
@@ -287,6 +275,8 @@ class TableDataModule(FileDataModule):
     def check_feature(self, column: pd.Series, categorical: bool, path: Path) -> None:
         """A column the network can take: numbers, or text declared categorical; dates and
         lists are named as such, and text in a number column by its first such cell."""
+        from mlplab.data.columns import shown
+
         name = column.name
         if pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(
             column
@@ -386,7 +376,7 @@ class TableDataModule(FileDataModule):
                 )
 
     def tensors(self, frame: pd.DataFrame, path: Path, split: str) -> Split:
-        from mlplab.data.columns import EncodingError
+        from mlplab.data.columns import EncodingError, row_of, shown
 
         try:
             x = torch.from_numpy(self.encoding.encode(frame))
@@ -412,7 +402,7 @@ class TableDataModule(FileDataModule):
                 name = self.targets[col]
                 raise DatasetError(
                     f"{path}: target {name!r} is not a finite float32 at data row "
-                    f"{data_rows(frame.index)[row]} ({shown(frame[name].iloc[row])}); fix or "
+                    f"{row_of(frame, row)} ({shown(frame[name].iloc[row])}); fix or "
                     "drop the row (float32 holds magnitudes up to 3.4e38)"
                 )
             y = torch.from_numpy(values)

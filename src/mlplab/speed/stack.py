@@ -110,11 +110,12 @@ class StackedOptimizer:
     def value(self, key: str, like: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """Each trial's setting `key` (element `index` of a tuple) shaped to broadcast over
         a stacked parameter like `like`."""
-        values = [s[key] if index is None else s[key][index] for s in self.settings]
-        shape = (len(values),) + (1,) * (like.dim() - 1)
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+        return self.per_trial(
+            [s[key] if index is None else s[key][index] for s in self.settings], like
+        )
 
     def per_trial(self, values: list[float], like: torch.Tensor) -> torch.Tensor:
+        """One value per trial, shaped to broadcast over a stacked parameter like `like`."""
         shape = (len(values),) + (1,) * (like.dim() - 1)
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
 

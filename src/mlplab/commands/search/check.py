@@ -77,6 +77,18 @@ def lookup(config: Namespace, key: str):
     return node
 
 
+def not_a_setting(config: Namespace, key: str) -> str | None:
+    """None where `key` is a setting of `config`; else a hint at the closest one (or '')."""
+    import difflib
+
+    try:
+        lookup(config, key)
+        return None
+    except KeyError:
+        close = difflib.get_close_matches(key, short_keys(config), n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
+
+
 def short_keys(config: Namespace) -> list[str]:
     """Every setting as the command line can name it shortest (no `init_args`), classes too."""
     keys = set()

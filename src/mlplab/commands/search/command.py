@@ -227,22 +227,15 @@ def check_config(setup) -> dict:
 def check_space(space: dict[str, Dimension], check, base: list[str], config) -> None:
     from jsonargparse import ArgumentError
 
-    from mlplab.commands.search.check import lookup, short_keys
+    from mlplab.commands.search.check import not_a_setting
 
     for key, dim in space.items():
         if key == "config":
             for path in dim.choices:
                 if not Path(str(path)).is_file():
                     raise UserError(f"search space config: {path} does not exist")
-        else:
-            try:
-                lookup(config, key)
-            except KeyError:
-                close = difflib.get_close_matches(key, short_keys(config), n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                raise UserError(
-                    f"search space: {key} is not a setting of this config{hint}"
-                ) from None
+        elif (hint := not_a_setting(config, key)) is not None:
+            raise UserError(f"search space: {key} is not a setting of this config{hint}")
         for value in dim.values():
             args = [*base, *point_args({key: value})]
             try:
