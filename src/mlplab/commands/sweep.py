@@ -35,6 +35,8 @@ from mlplab.tracking.store import (
 
 POINT_TAG = "mlplab.sweep.point"
 KEY_TAG = "mlplab.sweep.key"
+STACK_TAG = "mlplab.stack"  # the stack a child trained in (`--stack`)
+MATES_TAG = "mlplab.stack.mates"  # the names of the children it trained with
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -149,11 +151,11 @@ def load_sweep_file(path: str) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         reason = str(err).strip().splitlines()[0]
         raise UserError(f"cannot read sweep file {path}: {reason}") from None
-    unknown = set(spec) - {"config", "grid", "metric", "mode", "args", "name", "search"}
+    unknown = set(spec) - {"config", "grid", "metric", "mode", "args", "name", "search", "stack"}
     if unknown or not isinstance(spec.get("grid"), dict):
         raise UserError(
             f"sweep file {path}: expected keys config, grid (a mapping), metric, mode, args, "
-            f"name, search (for `mlplab search`); got {sorted(spec)}"
+            f"name, stack, search (for `mlplab search`); got {sorted(spec)}"
         )
     return spec
 
@@ -186,6 +188,72 @@ class Sweep:
             [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
         )
 
+    def fit_args(self, point: dict) -> list[str]:
+        """The `mlplab fit` arguments of one point."""
+        return [*[arg for config in self.configs for arg in ("--config", config)],
+                *point_args(point), *self.extra, "--experiment_name", self.experiment,
+                "--run_name", point_name(point)]  # fmt: skip
+
+    def run_stacks(self, parent: str, todo: list[dict], size: int) -> tuple[list[int], list]:
+        """Trains the points that can share a stack, `size` at a time (`mlplab.speed.stacked`),
+        each written as its own child run; returns their exit codes and the points left to
+        train alone, having said why."""
+        from mlplab.speed import stacked
+
+        trials, alone, reasons = [], [], {}
+        for point in todo:
+            trial = stacked.build(self.fit_args(point))
+            trial.point = point
+            why = stacked.refusal(trial)
+            if why is None:
+                trials.append(trial)
+            else:
+                alone.append(point)
+                reasons.setdefault(why, []).append(point_name(point))
+        for why, names in reasons.items():
+            shown = names[0] if len(names) == 1 else f"{len(names)} points"
+            print(f"mlplab: sweep: {shown} cannot be stacked ({why}); trained alone",
+                  file=sys.stderr)  # fmt: skip
+        groups: dict[str, list] = {}
+        for trial in trials:
+            key = json.dumps(stacked.stack_key(trial), sort_keys=True, default=str)
+            groups.setdefault(key, []).append(trial)
+        if len(groups) > 1:
+            keys = stacked.apart([stacked.stack_key(g[0]) for g in groups.values()])
+            shown = ", ".join(dict.fromkeys(_short(k) for k in keys))
+            print(f"mlplab: sweep: {len(groups)} groups train in separate stacks; they differ "
+                  f"in {shown}", file=sys.stderr)  # fmt: skip
+        codes = []
+        for group in groups.values():
+            for start in range(0, len(group), size):
+                chunk = group[start : start + size]
+                try:
+                    codes += self.train_stack(parent, chunk)
+                except ValueError as err:  # e.g. a buffer that differs between the trials
+                    print(f"mlplab: sweep: {len(chunk)} points cannot be stacked ({err}); "
+                          "trained alone", file=sys.stderr)  # fmt: skip
+                    alone += [trial.point for trial in chunk]
+        return codes, alone
+
+    def train_stack(self, parent: str, trials: list) -> list[int]:
+        from mlplab.speed.stacked import StackedFit
+        from mlplab.tracking import trial_runs
+        from mlplab.tracking.logger import dataset_inputs
+
+        records = StackedFit(trials).run()
+        experiment_id = ensure_experiment(self.client, self.experiment, self.uri)
+        inputs = dataset_inputs(trials[0].datamodule)
+        names = [point_name(trial.point) for trial in trials]
+        stack = hashlib.sha1(json.dumps([parent, names]).encode()).hexdigest()[:8]
+        for trial, record, name in zip(trials, records, names, strict=True):
+            mates = ", ".join(n for n in names if n != name)
+            tags = {"mlflow.parentRunId": parent, POINT_TAG: _key(trial.point),
+                    STACK_TAG: stack, MATES_TAG: mates[:5000]}  # fmt: skip
+            trial_runs.write(self.client, experiment_id, trial, record, name, tags, inputs)
+            print(f"mlplab: sweep child {name}: done (stacked, {len(trials)} trials)",
+                  file=sys.stderr)  # fmt: skip
+        return [0] * len(trials)
+
     def run_child(self, parent: str, point: dict) -> int:
         # a URI with a password in it goes to the child in its environment, never on its
         # command line (which every user of the machine can list)
@@ -208,7 +276,7 @@ class Sweep:
             print(f"  {said[-1].strip() if said else 'no message'}", file=sys.stderr)
         return result.returncode
 
-    def run(self, workers: int) -> dict:
+    def run(self, workers: int, stack: int = 0) -> dict:
         parent = self.parent()
         finished = {
             run.data.tags.get(POINT_TAG)
@@ -222,8 +290,9 @@ class Sweep:
             file=sys.stderr,
         )
         try:
+            codes, alone = self.run_stacks(parent, todo, stack) if stack else ([], todo)
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                codes = list(pool.map(lambda p: self.run_child(parent, p), todo))
+                codes += list(pool.map(lambda p: self.run_child(parent, p), alone))
         except KeyboardInterrupt:
             self.client.set_terminated(parent, "KILLED")
             raise
@@ -249,6 +318,11 @@ class Sweep:
         return pick(done, key=lambda r: r.data.metrics[self.metric])
 
 
+def _short(key: str) -> str:
+    """`model.init_args.net.init_args.hidden_sizes` as the command line names it."""
+    return ".".join(p for p in key.split(".") if p != "init_args").removesuffix(".class_path")
+
+
 def _key(point: dict) -> str:
     return json.dumps(point, sort_keys=True)
 
@@ -268,6 +342,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metric", help="what picks the best child (default val/loss)")
     parser.add_argument("--mode", choices=["min", "max"], help="default: min for losses/errors")
     parser.add_argument("--workers", type=int, default=1, help="children run in parallel")
+    parser.add_argument("--stack", type=int, help="train up to N children of one architecture "
+                        "as one stacked model (default: each its own fit)")  # fmt: skip
     parser.add_argument("--experiment_name", help="default: the first config's name")
     parser.add_argument("--name", help="the parent run's name (default sweep-<experiment>)")
     parser.add_argument("--tracking_uri")
@@ -285,6 +361,9 @@ def main(argv: list[str]) -> None:
             parser.exit(2, f"mlplab sweep: error: config file {config} does not exist\n")
     if args.workers < 1:
         parser.exit(2, f"mlplab sweep: error: --workers {args.workers}: at least 1\n")
+    stack = args.stack if args.stack is not None else spec.get("stack", 0)
+    if not isinstance(stack, int) or stack < 0:
+        parser.exit(2, f"mlplab sweep: error: --stack {stack}: a number of trials, at least 1\n")
     metric = args.metric or spec.get("metric", "val/loss")
     mode = args.mode or spec.get("mode") or better(metric)
     experiment = args.experiment_name or Path(configs[0]).stem
@@ -296,7 +375,7 @@ def main(argv: list[str]) -> None:
     except UserError as err:
         parser.exit(2, f"mlplab sweep: error: {err}\n")
     sweep = Sweep(configs, grid, metric, mode, extra, experiment, name, args.tracking_uri)
-    result = sweep.run(args.workers)
+    result = sweep.run(args.workers, stack)
     if args.register_model and result["best"] is not None:
         from mlplab.tracking.logged_models import register_model
 

@@ -9,13 +9,13 @@ for term, so a stacked trial's weights equal its own run's to float32 rounding.
     loss = per_trial_losses(stack(x), y).sum()  # trials are independent: each gets its gradient
     loss.backward(); optimizer.step(); optimizer.zero_grad()
 
-Exact only for networks without buffers or random layers: batch norm's running statistics and
-dropout's masks are refused (their per-trial streams cannot match an unstacked run's).
+Exact only for networks without running statistics or random layers: batch norm's statistics
+and dropout's masks are refused (their per-trial streams cannot match an unstacked run's).
+Other buffers (a fixed input standardisation) are shared: the first network's serve all.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -60,7 +60,7 @@ class Stack(nn.Module):
                 raise ValueError(f"trial {i} is another architecture than trial 0: "
                                  f"{', '.join(name for name, _ in differ)}")  # fmt: skip
         for module in modules[0].modules():
-            if list(module.buffers(recurse=False)) or isinstance(module, RANDOM):
+            if getattr(module, "track_running_stats", False) or isinstance(module, RANDOM):
                 raise ValueError(
                     f"{type(module).__name__} cannot be stacked exactly (running statistics "
                     "or random masks per trial); train these trials one by one"
@@ -68,12 +68,12 @@ class Stack(nn.Module):
         params, _ = stack_module_state(list(modules))
         self.names = list(params)
         self.weights = nn.ParameterList(nn.Parameter(params[name]) for name in self.names)
-        self.base = copy.deepcopy(modules[0]).to("meta")  # the architecture, without weights
+        self.bases = (modules[0],)  # the architecture and shared buffers (not a submodule)
         self.size = len(modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def one(weights: dict, inputs: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.base, weights, (inputs,))
+            return functional_call(self.bases[0], weights, (inputs,))
 
         shared = x.dim() < 3 or x.shape[0] != self.size
         return vmap(one, in_dims=(0, None if shared else 0))(
@@ -166,7 +166,7 @@ class StackedOptimizer:
             [math.sqrt(1 - s["betas"][1] ** self.steps) for s in self.settings], p
         )
         denom = (state["exp_avg_sq"].sqrt() / correction).add_(self.value("eps", p))
-        p.sub_(step_size * state["exp_avg"] / denom)
+        p.sub_(state["exp_avg"] / denom * step_size)  # addcdiv's order of rounding
 
     def adamw(self, p: torch.Tensor, g: torch.Tensor, state: dict) -> None:
         self.adam(p, g, state, decoupled=True)
@@ -190,7 +190,7 @@ class StackedOptimizer:
             buf.mul_(self.value("momentum", p)).add_(g / avg)
             p.sub_(self.value("lr", p) * buf)
         else:
-            p.sub_(self.value("lr", p) * g / avg)
+            p.sub_(g / avg * self.value("lr", p))
 
     def adagrad(self, p: torch.Tensor, g: torch.Tensor, state: dict) -> None:
         if not state:
@@ -201,4 +201,4 @@ class StackedOptimizer:
         )
         state["sum"].addcmul_(g, g)
         std = state["sum"].sqrt().add_(self.value("eps", p))
-        p.sub_(clr * g / std)
+        p.sub_(g / std * clr)

@@ -388,6 +388,34 @@ BOOKKEEPING = (
 )  # fmt: skip
 
 
+def run_params(parser, config, given: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's params and every setting's value (defaults too), dotted: what the config files
+    and the flags set (`given`), and settings that differ from their default; not bookkeeping,
+    not a default left untouched (the Trainer's ~30 settings, the network's and optimizer's)."""
+    config = config.clone()
+    for key in ("config", "tags"):  # the YAML files' paths and the tags: not settings
+        config.pop(key, None)
+    if config.get("tracking_uri"):
+        config.tracking_uri = redact_uri(config.tracking_uri)
+    tree = config.as_dict()
+    defaults = {**flatten_config(parser.get_defaults().as_dict()), **class_defaults(tree)}
+    configured = flatten_config(tree)
+    params = {
+        k: v
+        for k, v in configured.items()
+        if k not in BOOKKEEPING
+        and (k in given or k not in defaults or plain(defaults[k]) != plain(v))
+    }
+    return params, configured
+
+
+def shapes(datamodule) -> dict[str, int]:
+    """The data's shapes, linked into the model (so not in the YAML), as params."""
+    return {f"data.{shape}": getattr(datamodule, shape)
+            for shape in ("num_features", "num_classes", "num_targets")
+            if hasattr(datamodule, shape)}  # fmt: skip
+
+
 class MLflowSaveConfig(SaveConfigCallback):
     """Record the resolved config in the MLflow run: `config.yaml` as an artifact and every value
     as a flattened param (Lightning's own callback writes to a `log_dir` MLflow has not got).
@@ -422,30 +450,10 @@ class MLflowSaveConfig(SaveConfigCallback):
         if not isinstance(logger, MLflowRunLogger):
             return
         client, run_id = logger.experiment, logger.run_id
-        config = self.config.clone()
-        for key in ("config", "tags"):  # the YAML files' paths and the tags: not settings
-            config.pop(key, None)
-        if config.get("tracking_uri"):
-            config.tracking_uri = redact_uri(config.tracking_uri)
-        # what the config and the flags set: not bookkeeping, not a default left untouched
-        # (the Trainer's ~30 settings, the network's and the optimizer's own)
-        tree = config.as_dict()
-        defaults = {
-            **flatten_config(self.parser.get_defaults().as_dict()),
-            **class_defaults(tree),
-        }
-        self.configured = flatten_config(tree)
-        params = {
-            k: v
-            for k, v in self.configured.items()
-            if k not in BOOKKEEPING
-            and (k in self.given or k not in defaults or plain(defaults[k]) != plain(v))
-        }
+        params, self.configured = run_params(self.parser, self.config, self.given)
         params["trainer.world_size"] = trainer.world_size
         params["trainer.nodes_used"] = trainer.num_nodes
-        for shape in ("num_features", "num_classes", "num_targets"):  # linked, so not in the YAML
-            if hasattr(trainer.datamodule, shape):
-                params[f"data.{shape}"] = getattr(trainer.datamodule, shape)
+        params.update(shapes(trainer.datamodule))
         name = "config.yaml"
         if logger.resumed:  # params are write-once: keep the first, record each resumption's config
             logged = client.get_run(run_id).data.params
@@ -487,9 +495,16 @@ def log_datasets(logger: MLflowRunLogger, datamodule) -> None:
     """The splits a fit uses as MLflow dataset inputs (name, source, digest, shapes, the split
     as context), so the UI's Datasets column and filter work. Datamodules holding their splits
     in memory (`data`: split -> (features, targets)) have them all; others are not described."""
+    inputs = dataset_inputs(datamodule)
+    if inputs:
+        logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+
+
+def dataset_inputs(datamodule) -> list:
+    """`log_datasets`'s inputs, one per split (none for data not held in memory)."""
     data = getattr(datamodule, "data", None)
     if not isinstance(data, dict) or not data:
-        return
+        return []
     import warnings
 
     import mlflow.data
@@ -508,4 +523,4 @@ def log_datasets(logger: MLflowRunLogger, datamodule) -> None:
             )  # fmt: skip
         context = InputTag("mlflow.data.context", split)
         inputs.append(DatasetInput(Dataset(**dataset.to_dict()), tags=[context]))
-    logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+    return inputs

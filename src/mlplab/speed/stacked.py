@@ -1,0 +1,341 @@
+"""A stacked fit: trials of one architecture trained together as one model, in one process
+(`mlplab sweep --stack N`).
+
+Each trial is built as `mlplab fit` builds it (its config parsed, its seed set, its datamodule
+and module made), so it starts from its own run's weights. Its batches come in its own run's
+order: a generator per trial, started from torch's global state after the trial was built,
+replays the draws a fit's data loaders make from that stream (each training epoch's loader
+draws a base seed, then its sampler's seed; each validation's loader a base seed; Lightning's
+sanity check isolates its own). The networks run as one `Stack`, each with its own optimiser
+settings (`StackedOptimizer`), so every trial's weights and metrics are its own run's to float32
+rounding.
+
+What a stacked fit keeps of a Lightning fit: `trainer.max_epochs`, `check_val_every_n_epoch`,
+the checkpoint's monitor and mode (each trial is tested with its best weights, at their step,
+as a fit tests its best checkpoint) and the module's own loss, metrics and optimiser. A trial
+whose config asks for more (a scheduler, gradient clipping, a callback of Lightning's that acts
+during training, a resumed checkpoint, ...) cannot be stacked: `refusal` says why and the trial
+trains alone. Per-epoch training metrics are kept at the epochs that validate (and the last):
+every epoch for most configs, one in a hundred for the XOR nets, whose 3,000 epochs x 100 trials
+of per-epoch rows would take the store longer than the training.
+
+A module stacks when it offers the `Stackable` methods (mlplab's tasks do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from lightning.pytorch import LightningModule
+from torch.func import functional_call, vmap
+
+from mlplab.direction import better
+from mlplab.speed.stack import DEFAULTS, SHARED, Stack, StackedOptimizer
+
+# settings that may differ between the trials of one stack (beside an optimiser's own)
+PER_TRIAL = ("seed_everything", "model.init_args.lr")
+# settings that say where a run goes, not what it trains
+BOOKKEEPING = ("experiment_name", "run_name", "tracking_uri", "tags", "log_system_metrics",
+               "register_model", "register_alias", "verbose", "config")  # fmt: skip
+# trainer settings a stacked fit keeps (or that change nothing it computes)
+TRAINER_KEPT = ("max_epochs", "check_val_every_n_epoch", "enable_progress_bar", "callbacks",
+                "enable_model_summary", "num_sanity_val_steps", "logger", "default_root_dir",
+                "log_every_n_steps", "enable_checkpointing", "accelerator", "devices",
+                "deterministic", "benchmark")  # fmt: skip
+# Lightning's callbacks that only report: skipped without changing what a trial computes
+REPORTING = ("ModelSummary", "RichModelSummary", "TQDMProgressBar", "RichProgressBar",
+             "LearningRateMonitor", "DeviceStatsMonitor", "Timer")  # fmt: skip
+# optimiser flags a stack runs only at these values
+NEUTRAL = {"maximize": (False,), "amsgrad": (False,), "capturable": (False,),
+           "differentiable": (False,), "fused": (None, False)}  # fmt: skip
+
+
+@runtime_checkable
+class Stackable(Protocol):
+    """What a LightningModule offers to train stacked: `forward` and `loss` pure functions of
+    its weights (vmapped over the trials), and its metrics as a collection made afresh."""
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None): ...
+
+    def metric_inputs(self, logits: torch.Tensor, y: torch.Tensor) -> tuple: ...
+
+    def make_metrics(self): ...
+
+    def sample_weights(self, y: torch.Tensor, weight, stage: str): ...
+
+
+@dataclass
+class Trial:
+    """One point of a sweep, built as its own `mlplab fit` would build it."""
+
+    point: dict
+    args: list[str]  # the fit's arguments
+    config: Any  # the parsed config (jsonargparse Namespace)
+    parser: Any
+    module: LightningModule
+    datamodule: Any
+    rng: torch.Tensor  # torch's global state right after the trial was built
+    callbacks: list[str] = field(default_factory=list)  # the config's, skipped when stacked
+
+
+@dataclass
+class Record:
+    """What a trial's stacked fit produced: its metrics as a fit logs them, and its weights."""
+
+    metrics: list[tuple[str, float, int]] = field(default_factory=list)  # key, value, step
+    best_step: int = 0
+    best_epoch: int = 0
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # the tested (best) ones
+    last: dict[str, torch.Tensor] = field(default_factory=dict)  # the last epoch's
+
+
+def build(args: list[str]) -> Trial:
+    """Parse and build a trial's config as `mlplab fit` does (no Trainer, no run)."""
+    from mlplab.commands.search.check import ConfigCheck
+
+    check = ConfigCheck(args)
+    rng = torch.get_rng_state()
+    callbacks = [c.class_path.rsplit(".", 1)[-1] for c in check.config.trainer.callbacks or []]
+    return Trial({}, args, check.config, check.parser, check.model, check.datamodule, rng,
+                 callbacks)  # fmt: skip
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, list) and any(isinstance(item, dict) for item in tree):
+        return _flatten({str(i): item for i, item in enumerate(tree)}, prefix)
+    return {prefix.rstrip("."): tree}
+
+
+def settings(trial: Trial) -> dict[str, Any]:
+    """Every setting of the trial, dotted (`model.init_args.lr`)."""
+    return _flatten(trial.config.as_dict())
+
+
+def optimiser_keys(trial: Trial) -> tuple[str, ...]:
+    """The optimiser settings that may differ within a stack (its class's, bar `SHARED`)."""
+    path = settings(trial).get("model.init_args.optimizer.class_path", "")
+    return tuple(f"model.init_args.optimizer.init_args.{k}" for k in DEFAULTS.get(path, {})
+                 if k not in SHARED)  # fmt: skip
+
+
+def stack_key(trial: Trial) -> dict[str, Any]:
+    """The settings every trial of a stack shares: all of them but the per-trial ones."""
+    skip = (*PER_TRIAL, *optimiser_keys(trial))
+    return {k: v for k, v in settings(trial).items()
+            if k not in skip and k.split(".")[0] not in BOOKKEEPING}  # fmt: skip
+
+
+def apart(keys: list[dict]) -> list[str]:
+    """The settings in which these stack keys differ (a class, not also its arguments)."""
+    names = sorted({k for key in keys for k in key})
+    differ = [n for n in names if len({json.dumps(key.get(n), default=str) for key in keys}) > 1]
+    classes = [n.removesuffix("class_path") for n in differ if n.endswith(".class_path")]
+    return [n for n in differ if not any(n.startswith(f"{c}init_args.") for c in classes)]
+
+
+def refusal(trial: Trial) -> str | None:
+    """Why this trial cannot train in a stack (None: it can)."""
+    config, module = trial.config, trial.module
+    if not isinstance(module, Stackable):
+        return f"{type(module).__name__} has no loss/metric_inputs/make_metrics to stack"
+    if not module.automatic_optimization:
+        return f"{type(module).__name__} optimises by hand"
+    if config.get("ckpt_path"):
+        return "it resumes a checkpoint"
+    defaults = trial.parser.get_defaults().trainer
+    for key, value in config.trainer.items():
+        if key.split(".")[0] not in TRAINER_KEPT and value != defaults.get(key):
+            return f"trainer.{key} {value} is not kept by a stack"
+    if config.trainer.get("devices") not in ("auto", 1, "1", None) or config.trainer.get(
+        "accelerator"
+    ) not in ("auto", "cpu", None):
+        return "stacks train on one CPU for now"
+    for callback in config.trainer.callbacks or []:
+        name = callback.class_path.rsplit(".", 1)[-1]
+        if callback.class_path.startswith("lightning.") and name not in REPORTING:
+            return f"{name} acts during training"
+    if not hasattr(trial.datamodule, "load_splits") or not hasattr(trial.datamodule, "batch_size"):
+        return f"{type(trial.datamodule).__name__} does not hold its splits in memory"
+    optimizer = module.configure_optimizers()
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return "its configure_optimizers returns a scheduler or several optimisers"
+    name = type(optimizer).__name__
+    path = f"torch.optim.{name}"
+    if path not in DEFAULTS or getattr(torch.optim, name) is not type(optimizer):
+        return f"{type(optimizer).__name__} is not stacked (these are: {', '.join(DEFAULTS)})"
+    group = optimizer.param_groups[0]
+    for flag, allowed in NEUTRAL.items():
+        if flag in group and group[flag] not in allowed:
+            return f"{type(optimizer).__name__}({flag}={group[flag]}) is not stacked"
+    if group.get("decoupled_weight_decay") and path == "torch.optim.Adam":
+        return "Adam(decoupled_weight_decay=True) is not stacked: use AdamW"
+    if len(optimizer.param_groups) > 1:
+        return "its optimiser has several parameter groups"
+    try:
+        Stack([module])
+    except ValueError as err:
+        return str(err).split(";")[0]
+    return None
+
+
+class StackedFit:
+    """Trains `trials` (one `stack_key`) as one stacked model; `run()` gives each its `Record`."""
+
+    def __init__(self, trials: list[Trial]) -> None:
+        self.trials = trials
+        first = trials[0]
+        self.module = first.module
+        self.config = first.config
+        for trial in trials:  # the hooks read the data through the trainer; nothing else runs
+            trial.datamodule.setup("fit")
+            trial.module.trainer = SimpleNamespace(datamodule=trial.datamodule)
+            trial.module.setup("fit")
+            trial.module.trainer = None
+        names = {n for n, _ in self.module.named_buffers()}
+        for trial in trials[1:]:
+            for name, buffer in trial.module.named_buffers():
+                if name in names and not torch.equal(buffer, self.module.get_buffer(name)):
+                    raise ValueError(f"{name} differs within the stack")
+        self.stack = Stack([t.module for t in trials])
+        optimizers = [t.module.configure_optimizers() for t in trials]
+        path = f"torch.optim.{type(optimizers[0]).__name__}"
+        per_trial = [{k: v for k, v in o.param_groups[0].items() if k in DEFAULTS[path]}
+                     for o in optimizers]  # fmt: skip
+        self.optimizer = StackedOptimizer(self.stack, path, per_trial)
+        self.data = first.datamodule.data
+        self.generators = []
+        for trial in trials:
+            generator = torch.Generator()
+            generator.set_state(trial.rng)
+            self.generators.append(generator)
+        trainer = self.config.trainer
+        self.max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else 1000
+        self.every = trainer.check_val_every_n_epoch or 1
+        monitor = self.config.checkpoint.monitor or "val/loss"
+        self.monitor = monitor
+        self.mode = self.config.checkpoint.mode or better(monitor)
+        self.test_after = self.config.get("test_after_fit", True) and "test" in self.data
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.stack.names, self.stack.weights, strict=True))
+
+    def losses(self, weights, x, y, w, stage: str):
+        """Each trial's loss and logits, vmapped: trial dim first on weights (and on x, y, w
+        when given per trial)."""
+        module = self.module
+
+        def one(weights, x, y, w):
+            logits = functional_call(module, weights, (x,))
+            return module.loss(logits, y, module.sample_weights(y, w, stage)), logits
+
+        shared = None if x.dim() == self.data["train"][0].dim() else 0
+        return vmap(one, in_dims=(0, shared, shared, shared if w is not None else None))(
+            weights, x, y, w
+        )
+
+    def order(self, n: int, batch: int) -> torch.Tensor | None:
+        """Each trial's sample order for this epoch, as its own loader draws it (None: one
+        batch of the whole split, whose order changes its sums by rounding only)."""
+        if batch >= n:
+            return None
+        orders = []
+        for generator in self.generators:
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base seed
+            seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+            orders.append(torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(orders)
+
+    def evaluate(self, split: str, weights, step: int, record: list[Record], prefix: str):
+        x, y, *w = self.data[split]
+        with torch.no_grad():
+            losses, logits = self.losses(weights, x, y, w[0] if w else None, split)
+        values = []
+        for i, trial in enumerate(self.trials):
+            metrics = trial.module.make_metrics().clone(prefix=f"{prefix}/")
+            metrics.update(*self.module.metric_inputs(logits[i], y))
+            found = {f"{prefix}/loss": float(losses[i])}
+            found.update({k: float(v) for k, v in metrics.compute().items()})
+            values.append(found)
+            record[i].metrics += [(k, v, step) for k, v in found.items()]
+        return values
+
+    def run(self) -> list[Record]:
+        records = [Record() for _ in self.trials]
+        x, y, *w = self.data["train"]
+        n = len(x)
+        size = self.trials[0].datamodule.batch_size
+        batch = n if size <= 0 or size >= n else size
+        steps = math.ceil(n / batch)
+        has_val = "val" in self.data
+        best = [None] * len(self.trials)
+        step = 0
+        for epoch in range(self.max_epochs):
+            validate = has_val and (epoch + 1) % self.every == 0
+            keep = validate or epoch == self.max_epochs - 1
+            order = self.order(n, batch)
+            total, outputs, index = None, [], None
+            for j in range(steps):
+                if order is None:
+                    xb, yb, wb = x, y, w[0] if w else None
+                else:
+                    index = order[:, j * batch:(j + 1) * batch]
+                    xb, yb, wb = x[index], y[index], w[0][index] if w else None
+                losses, logits = self.losses(self.weights(), xb, yb, wb, "train")
+                losses.sum().backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                step += 1
+                if keep:
+                    part = losses.detach() * len(xb if order is None else xb[0])
+                    total = part if total is None else total + part
+                    outputs.append((logits.detach(), yb if order is None else None, index))
+            if validate:
+                for generator in self.generators:  # the validation loader's base seed
+                    torch.empty((), dtype=torch.int64).random_(generator=generator)
+                with torch.no_grad():
+                    found = self.evaluate("val", self.weights(), step, records, "val")
+                for i, values in enumerate(found):
+                    value = values.get(self.monitor)
+                    if value is not None and (best[i] is None or (
+                        value < best[i] if self.mode == "min" else value > best[i]
+                    )):  # fmt: skip
+                        best[i] = value
+                        records[i].best_step, records[i].best_epoch = step, epoch
+                        records[i].weights = self.stack.trial(i)
+            if keep:
+                self.train_metrics(records, outputs, total / n, step, epoch)
+        for i, record in enumerate(records):
+            record.last = self.stack.trial(i)
+            if not record.weights:  # no validation: the last weights, as the latest checkpoint
+                record.weights = self.stack.trial(i)
+                record.best_step, record.best_epoch = step, self.max_epochs - 1
+        if self.test_after:
+            tested = {name: torch.stack([r.weights[name] for r in records])
+                      for name in self.stack.names}  # fmt: skip
+            steps_at = [r.best_step for r in records]
+            found = self.evaluate("test", tested, 0, [Record() for _ in records], "test")
+            for i, values in enumerate(found):
+                records[i].metrics += [(k, v, steps_at[i]) for k, v in values.items()]
+        return records
+
+    def train_metrics(self, records, outputs, mean_loss, step, epoch) -> None:
+        """The epoch's training metrics per trial, from the logits of its batches."""
+        y = self.data["train"][1]
+        for i, trial in enumerate(self.trials):
+            metrics = trial.module.make_metrics().clone(prefix="train/")
+            for logits, shared_y, index in outputs:
+                metrics.update(*self.module.metric_inputs(
+                    logits[i], shared_y if shared_y is not None else y[index[i]]))
+            found = {"train/loss": float(mean_loss[i]), "epoch": float(epoch),
+                     **{k: float(v) for k, v in metrics.compute().items()}}  # fmt: skip
+            records[i].metrics += [(k, v, step) for k, v in found.items()]

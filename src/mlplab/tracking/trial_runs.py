@@ -1,0 +1,40 @@
+"""A stacked trial as its own MLflow run (`mlplab.speed.stacked`), written whole when its stack
+has trained: one create, its params, metrics and tags in batches, its datasets and config, its
+status. A hundred trials cost the store a few writes each, not one per epoch."""
+
+from __future__ import annotations
+
+import time
+
+from mlflow.entities import Metric, Param
+
+from mlplab.tracking import provenance
+from mlplab.tracking.logger import given_settings, run_params, shapes
+from mlplab.tracking.store import redact_uri
+
+METRICS_PER_WRITE = 1000  # MLflow's log_batch limits
+PARAMS_PER_WRITE = 100
+
+
+def write(client, experiment_id: str, trial, record, name: str, tags: dict, inputs=()) -> str:
+    """The run of `trial` (a `mlplab.speed.stacked.Trial`) with its `record`; its id."""
+    configs = [str(path) for path in trial.config.get("config") or []]
+    tags = {**provenance.tags("fit", trial.args, configs), "mlplab.command": "fit", **tags}
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    params, _ = run_params(trial.parser, trial.config, given_settings(trial.args))
+    params.update({"trainer.world_size": 1, "trainer.nodes_used": 1, **shapes(trial.datamodule)})
+    listed = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(listed), PARAMS_PER_WRITE):
+        client.log_batch(run_id, params=listed[i : i + PARAMS_PER_WRITE])
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, step) for key, value, step in record.metrics]
+    for i in range(0, len(metrics), METRICS_PER_WRITE):
+        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_WRITE])
+    if inputs:
+        client.log_inputs(run_id, datasets=list(inputs))
+    config = trial.config.clone()
+    if config.get("tracking_uri"):
+        config.tracking_uri = redact_uri(config.tracking_uri)
+    client.log_text(run_id, trial.parser.dump(config, skip_none=False), "config.yaml")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -1,0 +1,152 @@
+"""Stacked fits (`mlplab.speed.stacked`, `mlplab sweep --stack N`): each trial of a stack ends
+where its own `mlplab fit` ends, and is recorded as that fit's child run would be; what cannot be
+stacked is said in one line and trained alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import config
+from mlplab.speed.stacked import StackedFit, apart, build, refusal, stack_key
+
+# a small tanh net (no dead units: Adam's first steps divide by |gradient| + eps, so a gradient
+# of rounding size on a dead unit would turn float noise into a step of lr) for 3 epochs of
+# 13 batches, without the figure callbacks and the store
+BASE = ["--config", config("moons"), "--model.net.hidden_sizes=[8]",
+        "--model.net.activation=tanh", "--trainer.max_epochs=3", "--trainer.callbacks=[]",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--test_after_fit=false"]  # fmt: skip
+OPTIMISERS = {
+    "SGD": [["--model.optimizer=torch.optim.SGD", "--model.lr=0.1"],
+            ["--model.optimizer=torch.optim.SGD", "--model.lr=0.05"]],
+    "SGD momentum": [["--model.optimizer=torch.optim.SGD", "--model.optimizer.momentum=0.9"],
+                     ["--model.optimizer=torch.optim.SGD", "--model.optimizer.momentum=0.5",
+                      "--model.lr=0.05", "--model.optimizer.weight_decay=0.01"]],
+    "Nesterov": [["--model.optimizer=torch.optim.SGD", "--model.optimizer.momentum=0.9",
+                  "--model.optimizer.nesterov=true"],
+                 ["--model.optimizer=torch.optim.SGD", "--model.optimizer.momentum=0.7",
+                  "--model.optimizer.nesterov=true", "--model.lr=0.03"]],
+    "Adam": [["--model.lr=0.01"], ["--model.lr=0.003", "--model.optimizer.betas=[0.8,0.99]"]],
+    "RMSprop": [["--model.optimizer=torch.optim.RMSprop", "--model.lr=0.01"],
+                ["--model.optimizer=torch.optim.RMSprop", "--model.lr=0.003",
+                 "--model.optimizer.alpha=0.9", "--model.optimizer.momentum=0.5"]],
+    "Adagrad": [["--model.optimizer=torch.optim.Adagrad", "--model.lr=0.1"],
+                ["--model.optimizer=torch.optim.Adagrad", "--model.lr=0.05",
+                 "--model.optimizer.lr_decay=0.01"]],
+}  # fmt: skip
+
+
+def own_fit(args: list[str]) -> dict[str, torch.Tensor]:
+    """The weights `mlplab fit ARGS` ends with (in-process, no run)."""
+    from mlplab.cli import MLPLabCLI
+
+    return MLPLabCLI(args=["fit", *args]).model.state_dict()
+
+
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_each_stacked_trial_ends_as_its_own_fit(name):
+    """Seeds and optimiser settings mixed in one stack; every weight equals the trial's own
+    fit's to float32 rounding after 39 steps drawn in its own shuffled order."""
+    points = [[f"--seed_everything={seed}", *args]
+              for seed, args in enumerate(OPTIMISERS[name], start=1)]  # fmt: skip
+    trials = [build([*BASE, *point]) for point in points]
+    assert all(refusal(trial) is None for trial in trials)
+    records = StackedFit(trials).run()
+    for point, record in zip(points, records, strict=True):
+        alone = own_fit([*BASE, *point])
+        assert record.last.keys() <= alone.keys()
+        for key, weight in record.last.items():
+            torch.testing.assert_close(weight, alone[key], atol=1e-5, rtol=0)
+        assert record.best_epoch in (0, 1, 2) and record.best_step == 13 * (record.best_epoch + 1)
+
+
+def test_what_cannot_be_stacked_says_why():
+    def why(*args: str) -> str | None:
+        return refusal(build([*BASE, *args]))
+
+    assert why() is None
+    assert why("--trainer.gradient_clip_val=0.5") == (
+        "trainer.gradient_clip_val 0.5 is not kept by a stack"
+    )
+    assert why("--model.optimizer.amsgrad=true") == "Adam(amsgrad=True) is not stacked"
+    assert why("--model.optimizer=torch.optim.Adamax").startswith("Adamax is not stacked")
+    assert why("--model.lr_scheduler=torch.optim.lr_scheduler.StepLR",
+               "--model.lr_scheduler.step_size=1") == (
+        "its configure_optimizers returns a scheduler or several optimisers"
+    )  # fmt: skip
+    assert why("--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+               "--trainer.callbacks.monitor=val/loss") == "EarlyStopping acts during training"
+    assert why("--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor") is None
+    assert why("--model.net.dropout=0.2") == "Dropout cannot be stacked exactly (running statistics or random masks per trial)"  # noqa: E501
+
+
+def test_stack_keys_name_what_keeps_trials_apart():
+    keys = [stack_key(build([*BASE, *args])) for args in (
+        ["--seed_everything=1", "--model.lr=0.1"],
+        ["--seed_everything=2", "--model.lr=0.2", "--model.optimizer.eps=1e-6"],
+    )]  # fmt: skip
+    assert apart(keys) == []  # seeds, rates and the optimiser's own settings stack
+    keys.append(stack_key(build([*BASE, "--model.net.hidden_sizes=[4]"])))
+    keys.append(stack_key(build([*BASE, "--model.optimizer=torch.optim.SGD"])))
+    assert apart(keys) == [
+        "model.init_args.net.init_args.hidden_sizes", "model.init_args.optimizer.class_path",
+    ]  # fmt: skip
+
+
+def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
+    """Four children trained as one stack: each a FINISHED child run with the params, metrics
+    (to float32 rounding), datasets and config of the same point's own `mlplab fit`, and the
+    names of its stack mates; a second run of the sweep finds them all finished."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    settings = ["--trainer.max_epochs=2", "--log_system_metrics=false"]
+    sweep = ["sweep", "--config", config("moons"), "--grid", "seed_everything=[1,2]",
+             "model.lr=[0.01,0.02]", "--stack", "4", *settings]  # fmt: skip
+    done = cli.run(sweep, tmp_path, env)
+    assert done.code == 0, done.stderr[-2000:]
+    assert sum("done (stacked, 4 trials)" in line for line in done.said) == 4
+    alone = cli.run(["fit", "--config", config("moons"), "--seed_everything=2",
+                     "--model.lr=0.01", "--run_name", "alone", *settings], tmp_path, env)  # fmt: skip
+    assert alone.code == 0, alone.stderr[-2000:]
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("moons").experiment_id
+    runs = {run.info.run_name: run for run in client.search_runs([experiment])}
+    children = [r for r in runs.values() if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    stacked, own = runs["seed_everything=2,model.lr=0.01"], runs["alone"]
+    assert stacked.data.params == own.data.params
+    assert stacked.data.tags["mlplab.stack.mates"].count("seed_everything=") == 3
+    assert sorted(stacked.data.metrics) == sorted(own.data.metrics)
+    for key in stacked.data.metrics:
+        ours = {m.step: m.value for m in client.get_metric_history(stacked.info.run_id, key)}
+        theirs = {m.step: m.value for m in client.get_metric_history(own.info.run_id, key)}
+        assert ours.keys() == theirs.keys(), key
+        assert all(abs(ours[s] - theirs[s]) < 1e-5 for s in ours), key
+    contexts = [i.tags[0].value for i in stacked.inputs.dataset_inputs]
+    assert sorted(contexts) == ["test", "train", "val"]
+    assert [a.path for a in client.list_artifacts(stacked.info.run_id)] == ["config.yaml"]
+
+    again = cli.run(sweep, tmp_path, env)
+    assert again.code == 0 and any("0 to run, 4 finished before" in s for s in again.said)
+
+
+def test_points_that_cannot_share_a_stack_train_apart_and_say_why(cli, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+    args = ["--stack", "8", "--trainer.max_epochs=2", "--log_system_metrics=false"]
+    done = cli.run(["sweep", "--config", config("xor"), "--grid",
+                    "model.net.hidden_sizes=[[2],[4]]", *args], tmp_path, env)  # fmt: skip
+    assert done.code == 0, done.stderr[-2000:]
+    assert "mlplab: sweep: 2 groups train in separate stacks; they differ in "\
+        "model.net.hidden_sizes" in done.said  # fmt: skip
+    assert sum("done (stacked, 1 trials)" in line for line in done.said) == 2
+
+    done = cli.run(["sweep", "--config", config("xor"), "--grid",
+                    "trainer.gradient_clip_val=[null,1]", *args], tmp_path, env)  # fmt: skip
+    assert done.code == 0, done.stderr[-2000:]
+    assert "mlplab: sweep: trainer.gradient_clip_val=1 cannot be stacked "\
+        "(trainer.gradient_clip_val 1.0 is not kept by a stack); trained alone" in done.said
+    assert "mlplab: sweep child trainer.gradient_clip_val=None: done (stacked, 1 trials)" in done.said
+    assert "mlplab: sweep child trainer.gradient_clip_val=1: done" in done.said
