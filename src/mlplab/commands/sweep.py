@@ -15,7 +15,9 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -151,18 +153,23 @@ def load_sweep_file(path: str) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         reason = str(err).strip().splitlines()[0]
         raise UserError(f"cannot read sweep file {path}: {reason}") from None
-    unknown = set(spec) - {"config", "grid", "metric", "mode", "args", "name", "search", "stack"}
+    known = {"config", "grid", "metric", "mode", "goal", "args", "name", "stack", "search"}
+    unknown = set(spec) - known
     if unknown or not isinstance(spec.get("grid"), dict):
         raise UserError(
-            f"sweep file {path}: expected keys config, grid (a mapping), metric, mode, args, "
-            f"name, stack, search (for `mlplab search`); got {sorted(spec)}"
+            f"sweep file {path}: expected keys config, grid (a mapping), metric, mode, goal, "
+            f"args, name, stack, search (for `mlplab search`); got {sorted(spec)}"
         )
     return spec
 
 
 class Sweep:
-    def __init__(self, configs, grid, metric, mode, extra, experiment, name, tracking_uri):
+    def __init__(
+        self, configs, grid, metric, mode, extra, experiment, name, tracking_uri, goal=None
+    ):
+        """`goal`: a value of `metric` the parent counts the children reaching (per group)."""
         self.configs, self.grid, self.metric, self.mode = configs, grid, metric, mode
+        self.goal = goal
         self.extra, self.experiment, self.name = extra, experiment, name
         self.uri = open_store(tracking_uri)
         identity = json.dumps([configs, grid, extra, metric], sort_keys=True, default=str)
@@ -305,9 +312,46 @@ class Sweep:
                 f"mlplab: best child {best.info.run_name} ({best.info.run_id}): "
                 f"{self.metric}={best.data.metrics[self.metric]:.4f}"
             )
+        self.record_groups(parent)
         failed = sum(code != 0 for code in codes)
         self.client.set_terminated(parent, "FAILED" if failed else "FINISHED")
         return {"parent": parent, "best": best, "failed": failed, "ran": len(todo)}
+
+    def groups(self, parent: str) -> dict[str, list]:
+        """The finished children by their values of the grid's other dimensions than the seed
+        (one group when the seed is all the grid varies)."""
+        kept = [k for k in self.grid if k != "seed_everything" and len(self.grid[k]) > 1]
+        found: dict[str, list] = {}
+        for run in self.children(parent):
+            point = json.loads(run.data.tags.get(POINT_TAG, "{}"))
+            if run.info.status == "FINISHED" and self.metric in run.data.metrics:
+                name = point_name({k: point[k] for k in kept if k in point}) or "all"
+                found.setdefault(name, []).append(run)
+        return dict(sorted(found.items()))
+
+    def record_groups(self, parent: str) -> None:
+        """Per group: how many children reached `goal` (a metric `goal/reached/GROUP` and one
+        line), and a figure of every child's final training loss and `metric`."""
+        groups = self.groups(parent)
+        if not groups:
+            return
+        if self.goal is not None:
+            reached = {}
+            for name, runs in groups.items():
+                values = [r.data.metrics[self.metric] for r in runs]
+                count = sum(v >= self.goal if self.mode == "max" else v <= self.goal
+                            for v in values)  # fmt: skip
+                reached[name] = count
+                key = re.sub(r"[^\w\-. /]", "_", name)  # MLflow's key characters
+                self.client.log_metric(parent, f"goal/reached/{key}", count)
+                self.client.log_metric(parent, f"goal/children/{key}", len(runs))
+            sign = ">=" if self.mode == "max" else "<="
+            said = "; ".join(f"{name}: {reached[name]} of {len(runs)}"
+                             for name, runs in groups.items())  # fmt: skip
+            print(f"mlplab: sweep {self.name}: {self.metric} {sign} {self.goal} reached by {said}")
+        from mlplab.commands.sweep_figure import final_values
+
+        self.client.log_figure(parent, final_values(groups, self.metric), "figures/final.png")
 
     def best(self, parent: str):
         done = [r for r in self.children(parent)
@@ -341,6 +385,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--grid", nargs="+", default=[], help="KEY=[V1,V2,...] per dimension")
     parser.add_argument("--metric", help="what picks the best child (default val/loss)")
     parser.add_argument("--mode", choices=["min", "max"], help="default: min for losses/errors")
+    parser.add_argument("--goal", type=float, help="count the children whose metric reaches it")
     parser.add_argument("--workers", type=int, default=1, help="children run in parallel")
     parser.add_argument("--stack", type=int, help="train up to N children of one architecture "
                         "as one stacked model (default: each its own fit)")  # fmt: skip
@@ -374,7 +419,10 @@ def main(argv: list[str]) -> None:
         check_grid(configs, grid, extra)
     except UserError as err:
         parser.exit(2, f"mlplab sweep: error: {err}\n")
-    sweep = Sweep(configs, grid, metric, mode, extra, experiment, name, args.tracking_uri)
+    goal = args.goal if args.goal is not None else spec.get("goal")
+    if goal is not None and not (isinstance(goal, int | float) and math.isfinite(goal)):
+        parser.exit(2, f"mlplab sweep: error: goal {goal!r}: a number, e.g. 1.0 for val/acc\n")
+    sweep = Sweep(configs, grid, metric, mode, extra, experiment, name, args.tracking_uri, goal)
     result = sweep.run(args.workers, stack)
     if args.register_model and result["best"] is not None:
         from mlplab.tracking.logged_models import register_model
