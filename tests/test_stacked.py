@@ -150,3 +150,53 @@ def test_points_that_cannot_share_a_stack_train_apart_and_say_why(cli, tmp_path)
         "(trainer.gradient_clip_val 1.0 is not kept by a stack); trained alone" in done.said
     assert "mlplab: sweep child trainer.gradient_clip_val=None: done (stacked, 1 trials)" in done.said
     assert "mlplab: sweep child trainer.gradient_clip_val=1: done" in done.said
+
+
+def test_a_pruned_mate_leaves_the_stack_and_the_others_end_as_their_own_fits():
+    points = [[f"--seed_everything={seed}", f"--model.lr={lr}"]
+              for seed, lr in ((1, 0.01), (2, 0.02), (3, 0.005))]  # fmt: skip
+    trials = [build([*BASE, *point]) for point in points]
+    seen = []
+
+    def prune_the_second(stacked, values, epoch):
+        seen.append((epoch, len(stacked)))
+        return [1] if epoch == 0 else []
+
+    records = StackedFit(trials).run(on_validation=prune_the_second)
+    assert seen == [(0, 3), (1, 2), (2, 2)]
+    pruned = records[1]
+    assert pruned.pruned and pruned.epochs == 1
+    assert not any(key.startswith(("train/", "test/")) for key, _, _ in pruned.metrics)
+    for point, record in zip(points, records, strict=True):
+        if not record.pruned:
+            alone = own_fit([*BASE, *point])
+            for key, weight in record.last.items():
+                torch.testing.assert_close(weight, alone[key], atol=1e-5, rtol=0)
+
+
+def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
+    """Four trials asked two at a time: each its own child run; the second pair is compared
+    with the first at every validation and pruned alone (KILLED, PRUNED), its mate going on."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+    (tmp_path / "space.yaml").write_text("model.lr: {low: 1.0e-4, high: 0.1, log: true}\n")
+    search = ["search", "--config", config("moons"), "--space", str(tmp_path / "space.yaml"),
+              "--metric", "val/acc", "--n_trials", "4", "--stack", "2",
+              "--sampler", "{name: random, seed: 3}",
+              "--pruner", "{name: percentile, percentile: 99, n_startup_trials: 1}",
+              "--trainer.max_epochs=3", "--log_system_metrics=false"]  # fmt: skip
+    done = cli.run(search, tmp_path, env)
+    assert done.code == 0, done.stderr[-2000:]
+    assert "mlplab: trials 0, 1: one stack of 2" in done.said
+    assert "mlplab: trials 2, 3: one stack of 2" in done.said
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("moons").experiment_id
+    children = client.search_runs([experiment], "tags.`optuna.trial` != ''")
+    assert len(children) == 4
+    states = {r.data.tags["optuna.state"]: r.info.status for r in children}
+    assert states.get("PRUNED") == "KILLED" and states.get("COMPLETE") == "FINISHED"
+    pruned = [r for r in children if r.data.tags["optuna.state"] == "PRUNED"]
+    assert all(int(r.data.tags["optuna.trial"]) >= 2 for r in pruned)
+    assert all("test/acc" not in r.data.metrics for r in pruned)
+    assert any("4 trials (" in line and "pruned" in line for line in done.said)
+    again = cli.run(search, tmp_path, env)
+    assert again.code == 0 and any("has 4 results of 4" in line for line in again.said)

@@ -80,6 +80,12 @@ class Stack(nn.Module):
             dict(zip(self.names, self.weights, strict=True)), x
         )
 
+    def keep(self, index: torch.Tensor) -> None:
+        """Only the trials at `index` stay (pruned mates leave the stack)."""
+        self.weights = nn.ParameterList(nn.Parameter(w.detach()[index].clone())
+                                        for w in self.weights)  # fmt: skip
+        self.size = len(index)
+
     def trial(self, i: int) -> dict[str, torch.Tensor]:
         """Trial `i`'s weights as its own network's `state_dict`."""
         return {name: w[i].detach().clone() for name, w in zip(self.names, self.weights,
@@ -106,6 +112,13 @@ class StackedOptimizer:
         self.kind, self.stack, self.settings = optimizer.rsplit(".", 1)[1], stack, settings
         self.steps = 0
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in stack.weights]
+
+    def keep(self, positions: list[int]) -> None:
+        """Only the trials at `positions` stay: their settings and their rows of the state
+        (call with the stack's own `keep`)."""
+        index = torch.tensor(positions)
+        self.settings = [self.settings[i] for i in positions]
+        self.state = [{k: v[index].clone() for k, v in state.items()} for state in self.state]
 
     def value(self, key: str, like: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """Each trial's setting `key` (element `index` of a tuple) shaped to broadcast over

@@ -92,6 +92,8 @@ class Record:
     best_epoch: int = 0
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # the tested (best) ones
     last: dict[str, torch.Tensor] = field(default_factory=dict)  # the last epoch's
+    epochs: int = 0  # trained
+    pruned: bool = False  # left the stack at a validation (`StackedFit.run`'s `on_validation`)
 
 
 def build(args: list[str]) -> Trial:
@@ -269,15 +271,22 @@ class StackedFit:
             record[i].metrics += [(k, v, step) for k, v in found.items()]
         return values
 
-    def run(self) -> list[Record]:
+    def run(self, on_validation=None) -> list[Record]:
+        """Train every trial for `max_epochs`; each trial's `Record`, in the order given.
+
+        `on_validation(trials, values, epoch)` is called after each validation with the trials
+        still training and their metrics; those at the positions it returns leave the stack
+        there (pruned: no training metrics for that epoch and no test, as a fit stopped in its
+        validation)."""
         records = [Record() for _ in self.trials]
+        current = list(records)  # aligned with the trials still in the stack
         x, y, *w = self.data["train"]
         n = len(x)
         size = self.trials[0].datamodule.batch_size
         batch = n if size <= 0 or size >= n else size
         steps = math.ceil(n / batch)
         has_val = "val" in self.data
-        best = [None] * len(self.trials)
+        best: list[float | None] = [None] * len(self.trials)
         step = 0
         for epoch in range(self.max_epochs):
             validate = has_val and (epoch + 1) % self.every == 0
@@ -288,7 +297,7 @@ class StackedFit:
                 if order is None:
                     xb, yb, wb = x, y, w[0] if w else None
                 else:
-                    index = order[:, j * batch:(j + 1) * batch]
+                    index = order[:, j * batch : (j + 1) * batch]
                     xb, yb, wb = x[index], y[index], w[0][index] if w else None
                 losses, logits = self.losses(self.weights(), xb, yb, wb, "train")
                 losses.sum().backward()
@@ -299,34 +308,58 @@ class StackedFit:
                     part = losses.detach() * len(xb if order is None else xb[0])
                     total = part if total is None else total + part
                     outputs.append((logits.detach(), yb if order is None else None, index))
+            for record in current:
+                record.epochs = epoch + 1
             if validate:
                 for generator in self.generators:  # the validation loader's base seed
                     torch.empty((), dtype=torch.int64).random_(generator=generator)
                 with torch.no_grad():
-                    found = self.evaluate("val", self.weights(), step, records, "val")
+                    found = self.evaluate("val", self.weights(), step, current, "val")
                 for i, values in enumerate(found):
                     value = values.get(self.monitor)
                     if value is not None and (best[i] is None or (
                         value < best[i] if self.mode == "min" else value > best[i]
                     )):  # fmt: skip
                         best[i] = value
-                        records[i].best_step, records[i].best_epoch = step, epoch
-                        records[i].weights = self.stack.trial(i)
+                        current[i].best_step, current[i].best_epoch = step, epoch
+                        current[i].weights = self.stack.trial(i)
+                leaving = set(on_validation(self.trials, found, epoch)) if on_validation else ()
+                if leaving:
+                    keep_at = [i for i in range(len(self.trials)) if i not in leaving]
+                    for i in set(range(len(self.trials))) - set(keep_at):
+                        current[i].pruned = True
+                        current[i].last = self.stack.trial(i)
+                    if not keep_at:
+                        return records
+                    self.keep(keep_at)
+                    current = [current[i] for i in keep_at]
+                    best = [best[i] for i in keep_at]
+                    total = total[keep_at] if total is not None else None
+                    outputs = [(logits[keep_at], shared_y, None if ix is None else ix[keep_at])
+                               for logits, shared_y, ix in outputs]  # fmt: skip
             if keep:
-                self.train_metrics(records, outputs, total / n, step, epoch)
-        for i, record in enumerate(records):
+                self.train_metrics(current, outputs, total / n, step, epoch)
+        for i, record in enumerate(current):
             record.last = self.stack.trial(i)
             if not record.weights:  # no validation: the last weights, as the latest checkpoint
                 record.weights = self.stack.trial(i)
                 record.best_step, record.best_epoch = step, self.max_epochs - 1
         if self.test_after:
-            tested = {name: torch.stack([r.weights[name] for r in records])
+            tested = {name: torch.stack([r.weights[name] for r in current])
                       for name in self.stack.names}  # fmt: skip
-            steps_at = [r.best_step for r in records]
-            found = self.evaluate("test", tested, 0, [Record() for _ in records], "test")
-            for i, values in enumerate(found):
-                records[i].metrics += [(k, v, steps_at[i]) for k, v in values.items()]
+            found = self.evaluate("test", tested, 0, [Record() for _ in current], "test")
+            for record, values in zip(current, found, strict=True):
+                record.metrics += [(k, v, record.best_step) for k, v in values.items()]
         return records
+
+    def keep(self, positions: list[int]) -> None:
+        """Only the trials at these positions go on: their rows of every stacked weight and
+        optimiser state, their settings, generators and modules."""
+        index = torch.tensor(positions)
+        self.stack.keep(index)
+        self.optimizer.keep(positions)
+        self.trials = [self.trials[i] for i in positions]
+        self.generators = [self.generators[i] for i in positions]
 
     def train_metrics(self, records, outputs, mean_loss, step, epoch) -> None:
         """The epoch's training metrics per trial, from the logits of its batches."""

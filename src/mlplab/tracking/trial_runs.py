@@ -16,8 +16,12 @@ METRICS_PER_WRITE = 1000  # MLflow's log_batch limits
 PARAMS_PER_WRITE = 100
 
 
-def write(client, experiment_id: str, trial, record, name: str, tags: dict, inputs=()) -> str:
-    """The run of `trial` (a `mlplab.speed.stacked.Trial`) with its `record`; its id."""
+def write(
+    client, experiment_id: str, trial, record, name: str, tags: dict, inputs=(),
+    status: str = "FINISHED",
+) -> str:
+    """The run of `trial` (a `mlplab.speed.stacked.Trial`) with its `record`, ended with
+    `status` (a pruned search trial's is KILLED); its id."""
     configs = [str(path) for path in trial.config.get("config") or []]
     tags = {**provenance.tags("fit", trial.args, configs), "mlplab.command": "fit", **tags}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
@@ -36,5 +40,5 @@ def write(client, experiment_id: str, trial, record, name: str, tags: dict, inpu
     if config.get("tracking_uri"):
         config.tracking_uri = redact_uri(config.tracking_uri)
     client.log_text(run_id, trial.parser.dump(config, skip_none=False), "config.yaml")
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, status)
     return run_id

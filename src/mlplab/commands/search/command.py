@@ -15,7 +15,7 @@ from mlplab.direction import better
 from mlplab.errors import CommandParser, UserError, parse_cause
 
 FILE_KEYS = {"config", "space", "metric", "direction", "n_trials", "timeout", "sampler",
-             "pruner", "args", "name"}  # fmt: skip
+             "pruner", "args", "name", "stack"}  # fmt: skip
 OPTUNA_DIRECTION = {"min": "minimize", "max": "maximize"}  # a mode as Optuna names it
 DIRECTIONS = tuple(OPTUNA_DIRECTION.values())
 
@@ -40,6 +40,8 @@ def arguments() -> argparse.ArgumentParser:
     add("--pruner", help="median (default), percentile, halving, hyperband, none; or YAML "
                          "{name: median, n_startup_trials: 5}")  # fmt: skip
     add("--workers", type=int, default=1, help="processes running trials of the study at once")
+    add("--stack", type=int, help="ask N trials at a time and train those of one architecture "
+                                  "as one stacked model")  # fmt: skip
     add("--name", help="the study's and parent run's name (default search-<experiment>)")
     add("--experiment_name", help="default: the first config's name")
     add("--tracking_uri", help="MLflow store (default as for fit)")
@@ -126,6 +128,9 @@ def settings(argv: list[str]):
         raise UserError(f"--timeout must be a positive number of seconds, got {timeout!r}")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    stack = args.stack if args.stack is not None else spec.get("stack", 0)
+    if not isinstance(stack, int) or stack < 0:
+        raise UserError(f"--stack {stack!r}: a number of trials, at least 1")
     experiment = args.experiment_name or Path(configs[0]).stem
     setup = Setup(
         configs=configs,
@@ -145,6 +150,7 @@ def settings(argv: list[str]):
         register_model=args.register_model,
         register_alias=args.register_alias,
         argv=argv,
+        stack=stack,
     )
     return setup, args
 

@@ -93,6 +93,7 @@ class Setup:
     register_model: str | None = None
     register_alias: str | None = None
     argv: list[str] = field(default_factory=list)
+    stack: int = 0  # trials asked at once and trained as stacks (`--stack`)
 
     def fit_args(self, point: dict | None = None) -> list[str]:
         """A trial's settings for `mlplab fit`: the defaults, the configs (and a `config` the
@@ -345,6 +346,11 @@ class Search:
             say(f"study {self.study_name} has {done} results of {self.setup.n_trials}")
             return
         say(f"study {self.study_name}: {done} of {self.setup.n_trials} trials done before")
+        if self.setup.stack:
+            from mlplab.commands.search import stacked
+
+            stacked.optimize(self, study, self.setup.stack)
+            return
         study.optimize(
             self.objective,
             timeout=self.setup.timeout,
