@@ -19,7 +19,7 @@ CARRY  ?= .gpu
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock lock-upgrade audit train test test-all slurm-check gpu-carry gpu-check \
-	reproduce bench examples lint ui ui-check server clean
+	reproduce bench bench-stack examples lint ui ui-check server clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ reproduce: $(STAMP) ## run every seed experiment (about an hour on 2 cores) and 
 
 bench: $(STAMP) ## time mlplab against a plain PyTorch loop and the usual Lightning idiom
 	$(BIN)/python bench/bench.py
+
+bench-stack: $(STAMP) ## stacked sweeps and searches (--stack) against the same trials one by one
+	$(BIN)/python bench/stacked.py
 
 examples: $(STAMP) ## write the data of configs/examples/ (from scikit-learn) under data/examples/
 	$(BIN)/python -m mlplab.data.examples .

@@ -4,12 +4,23 @@ stacked is said in one line and trained alone."""
 
 from __future__ import annotations
 
+import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from conftest import config
-from mlplab.speed.stacked import StackedFit, apart, build, refusal, stack_key
+from mlplab.errors import UserError
+from mlplab.speed.stacked import (
+    StackedFit,
+    apart,
+    build,
+    bytes_per_trial,
+    check_memory,
+    refusal,
+    stack_key,
+)
 
 # a small tanh net (no dead units: Adam's first steps divide by |gradient| + eps, so a gradient
 # of rounding size on a dead unit would turn float noise into a step of lr) for 3 epochs of
@@ -95,20 +106,22 @@ def test_stack_keys_name_what_keeps_trials_apart():
     ]  # fmt: skip
 
 
-def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
+def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path, monkeypatch):
     """Four children trained as one stack: each a FINISHED child run with the params, metrics
     (to float32 rounding), datasets and config of the same point's own `mlplab fit`, and the
     names of its stack mates; a second run of the sweep finds them all finished."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     env = {"MLFLOW_TRACKING_URI": uri}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for the model's load
     settings = ["--trainer.max_epochs=2", "--log_system_metrics=false"]
     sweep = ["sweep", "--config", config("moons"), "--grid", "seed_everything=[1,2]",
              "model.lr=[0.01,0.02]", "--stack", "4", *settings]  # fmt: skip
     done = cli.run(sweep, tmp_path, env)
     assert done.code == 0, done.stderr[-2000:]
     assert sum("done (stacked, 4 trials)" in line for line in done.said) == 4
-    alone = cli.run(["fit", "--config", config("moons"), "--seed_everything=2",
-                     "--model.lr=0.01", "--run_name", "alone", *settings], tmp_path, env)  # fmt: skip
+    own = ["fit", "--config", config("moons"), "--seed_everything=2", "--model.lr=0.01",
+           "--run_name", "alone", *settings]  # fmt: skip
+    alone = cli.run(own, tmp_path, env)
     assert alone.code == 0, alone.stderr[-2000:]
 
     client = MlflowClient(uri)
@@ -127,7 +140,20 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
         assert all(abs(ours[s] - theirs[s]) < 1e-5 for s in ours), key
     contexts = [i.tags[0].value for i in stacked.inputs.dataset_inputs]
     assert sorted(contexts) == ["test", "train", "val"]
-    assert [a.path for a in client.list_artifacts(stacked.info.run_id)] == ["config.yaml"]
+    assert "config.yaml" in [a.path for a in client.list_artifacts(stacked.info.run_id)]
+
+    # the best child's model, logged from its best weights: it loads and predicts alone
+    parent = next(r for r in runs.values() if r.data.tags.get("mlplab.command") == "sweep")
+    best = parent.data.tags["mlplab.best_child"]
+    ids = {r.info.run_id for r in children}
+    models = [m for m in client.search_logged_models(experiment_ids=[experiment])
+              if m.source_run_id in ids]  # fmt: skip
+    assert [m.source_run_id for m in models] == [best]
+    assert client.get_run(best).info.status == "FINISHED"
+    loaded = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    assert loaded.predict(np.zeros((3, 2), dtype=np.float32)).shape == (3, 1)
+    assert "figures/final.png" in [a.path for a in client.list_artifacts(parent.info.run_id,
+                                                                         "figures")]  # fmt: skip
 
     again = cli.run(sweep, tmp_path, env)
     assert again.code == 0 and any("0 to run, 4 finished before" in s for s in again.said)
@@ -148,7 +174,8 @@ def test_points_that_cannot_share_a_stack_train_apart_and_say_why(cli, tmp_path)
     assert done.code == 0, done.stderr[-2000:]
     assert "mlplab: sweep: trainer.gradient_clip_val=1 cannot be stacked "\
         "(trainer.gradient_clip_val 1.0 is not kept by a stack); trained alone" in done.said
-    assert "mlplab: sweep child trainer.gradient_clip_val=None: done (stacked, 1 trials)" in done.said
+    stacked = "mlplab: sweep child trainer.gradient_clip_val=None: done (stacked, 1 trials)"
+    assert stacked in done.said
     assert "mlplab: sweep child trainer.gradient_clip_val=1: done" in done.said
 
 
@@ -175,28 +202,42 @@ def test_a_pruned_mate_leaves_the_stack_and_the_others_end_as_their_own_fits():
 
 
 def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
-    """Four trials asked two at a time: each its own child run; the second pair is compared
-    with the first at every validation and pruned alone (KILLED, PRUNED), its mate going on."""
+    """Six trials asked three at a time (SGD and Adam trials in separate stacks): each its own
+    child run; a trial behind the median at a validation is pruned alone (KILLED, PRUNED, fewer
+    epochs), its mates going on; the same command again finds the study done."""
+    from test_search import search_args
+
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
-    (tmp_path / "space.yaml").write_text("model.lr: {low: 1.0e-4, high: 0.1, log: true}\n")
-    search = ["search", "--config", config("moons"), "--space", str(tmp_path / "space.yaml"),
-              "--metric", "val/acc", "--n_trials", "4", "--stack", "2",
-              "--sampler", "{name: random, seed: 3}",
-              "--pruner", "{name: percentile, percentile: 99, n_startup_trials: 1}",
-              "--trainer.max_epochs=3", "--log_system_metrics=false"]  # fmt: skip
+    search = ["search", *search_args(tmp_path, 6), "--stack", "3"]
     done = cli.run(search, tmp_path, env)
     assert done.code == 0, done.stderr[-2000:]
-    assert "mlplab: trials 0, 1: one stack of 2" in done.said
-    assert "mlplab: trials 2, 3: one stack of 2" in done.said
+    assert any(line.startswith("mlplab: trials 0, ") for line in done.said)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("moons").experiment_id
     children = client.search_runs([experiment], "tags.`optuna.trial` != ''")
-    assert len(children) == 4
-    states = {r.data.tags["optuna.state"]: r.info.status for r in children}
-    assert states.get("PRUNED") == "KILLED" and states.get("COMPLETE") == "FINISHED"
+    assert len(children) == 6
     pruned = [r for r in children if r.data.tags["optuna.state"] == "PRUNED"]
-    assert all(int(r.data.tags["optuna.trial"]) >= 2 for r in pruned)
-    assert all("test/acc" not in r.data.metrics for r in pruned)
-    assert any("4 trials (" in line and "pruned" in line for line in done.said)
+    complete = [r for r in children if r.data.tags["optuna.state"] == "COMPLETE"]
+    assert pruned and complete, [r.data.tags["optuna.state"] for r in children]
+    for run in pruned:
+        assert run.info.status == "KILLED"
+        assert "pruned by Optuna" in run.data.tags["mlplab.failure"]
+        assert run.data.metrics["epoch"] < 7 and "test/acc" not in run.data.metrics
+    assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in complete)
+    assert any(f"6 trials ({len(complete)} complete, {len(pruned)} pruned" in line
+               for line in done.said)  # fmt: skip
     again = cli.run(search, tmp_path, env)
-    assert again.code == 0 and any("has 4 results of 4" in line for line in again.said)
+    assert again.code == 0 and any("has 6 results of 6" in line for line in again.said)
+
+
+def test_a_stack_that_would_not_fit_says_the_size_that_does():
+    trial = build(BASE)
+    trial.datamodule.setup("fit")
+    need = bytes_per_trial(trial)
+    assert need > 4 * sum(p.numel() for p in trial.module.parameters())
+    with pytest.raises(UserError, match=r"^--stack 64: a stack of 64 needs about [\d.]+ GiB "
+                       r"and [\d.]+ GiB are free; --stack 8 fits$"):  # fmt: skip
+        check_memory(trial, 64, available=need * 10)
+    check_memory(trial, 8, available=need * 10)
+    with pytest.raises(UserError, match="not even one trial fits: train it alone"):
+        check_memory(trial, 2, available=need)

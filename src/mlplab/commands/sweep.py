@@ -170,6 +170,8 @@ class Sweep:
         """`goal`: a value of `metric` the parent counts the children reaching (per group)."""
         self.configs, self.grid, self.metric, self.mode = configs, grid, metric, mode
         self.goal = goal
+        self.log_models = "best"  # or "all": which stacked children get a logged model
+        self.kept: dict[str, tuple] = {}  # stacked children's trials and records, by run id
         self.extra, self.experiment, self.name = extra, experiment, name
         self.uri = open_store(tracking_uri)
         identity = json.dumps([configs, grid, extra, metric], sort_keys=True, default=str)
@@ -201,15 +203,16 @@ class Sweep:
                 *point_args(point), *self.extra, "--experiment_name", self.experiment,
                 "--run_name", point_name(point)]  # fmt: skip
 
-    def run_stacks(self, parent: str, todo: list[dict], size: int) -> tuple[list[int], list]:
-        """Trains the points that can share a stack, `size` at a time (`mlplab.speed.stacked`),
-        each written as its own child run; returns their exit codes and the points left to
-        train alone, having said why."""
+    def plan_stacks(self, todo: list[dict], size: int) -> tuple[list[list], list[dict]]:
+        """The points that can share a stack, built as their fits would be and grouped `size`
+        at a time (`mlplab.speed.stacked`); the points left to train alone, having said why.
+        A stack that would not fit in memory is refused here, with the size that fits."""
         from mlplab.speed import stacked
 
         trials, alone, reasons = [], [], {}
+        builder = stacked.Builder()
         for point in todo:
-            trial = stacked.build(self.fit_args(point))
+            trial = builder.build(self.fit_args(point))
             trial.point = point
             why = stacked.refusal(trial)
             if why is None:
@@ -230,17 +233,9 @@ class Sweep:
             shown = ", ".join(dict.fromkeys(_short(k) for k in keys))
             print(f"mlplab: sweep: {len(groups)} groups train in separate stacks; they differ "
                   f"in {shown}", file=sys.stderr)  # fmt: skip
-        codes = []
         for group in groups.values():
-            for start in range(0, len(group), size):
-                chunk = group[start : start + size]
-                try:
-                    codes += self.train_stack(parent, chunk)
-                except ValueError as err:  # e.g. a buffer that differs between the trials
-                    print(f"mlplab: sweep: {len(chunk)} points cannot be stacked ({err}); "
-                          "trained alone", file=sys.stderr)  # fmt: skip
-                    alone += [trial.point for trial in chunk]
-        return codes, alone
+            stacked.check_memory(group[0], min(size, len(group)))
+        return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)], alone
 
     def train_stack(self, parent: str, trials: list) -> list[int]:
         from mlplab.speed.stacked import StackedFit
@@ -256,9 +251,14 @@ class Sweep:
             mates = ", ".join(n for n in names if n != name)
             tags = {"mlflow.parentRunId": parent, POINT_TAG: _key(trial.point),
                     STACK_TAG: stack, MATES_TAG: mates[:5000]}  # fmt: skip
-            trial_runs.write(self.client, experiment_id, trial, record, name, tags, inputs)
+            run_id = trial_runs.write(self.client, experiment_id, trial, record, name, tags,
+                                      inputs)  # fmt: skip
             print(f"mlplab: sweep child {name}: done (stacked, {len(trials)} trials)",
                   file=sys.stderr)  # fmt: skip
+            if self.log_models == "all":
+                trial_runs.log_model(run_id, trial, record, self.experiment, self.uri)
+            else:  # until the best is known
+                self.kept[run_id] = (trial, record)
         return [0] * len(trials)
 
     def run_child(self, parent: str, point: dict) -> int:
@@ -283,27 +283,51 @@ class Sweep:
             print(f"  {said[-1].strip() if said else 'no message'}", file=sys.stderr)
         return result.returncode
 
+    def finished(self) -> set[str]:
+        """The points an earlier attempt of this sweep finished (none for a new sweep)."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return set()
+        earlier = self.client.search_runs(
+            [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{self.key}'",
+            order_by=["start_time DESC"],
+        )  # fmt: skip
+        if not earlier:
+            return set()
+        children = self.children(earlier[0].info.run_id)
+        return {r.data.tags.get(POINT_TAG) for r in children if r.info.status == "FINISHED"}
+
     def run(self, workers: int, stack: int = 0) -> dict:
-        parent = self.parent()
-        finished = {
-            run.data.tags.get(POINT_TAG)
-            for run in self.children(parent)
-            if run.info.status == "FINISHED"
-        }
+        finished = self.finished()
         todo = [p for p in points(self.grid) if _key(p) not in finished]
         skipped = len(points(self.grid)) - len(todo)
+        # stacks are planned (and their memory checked) before the parent run exists
+        stacks, alone = self.plan_stacks(todo, stack) if stack else ([], todo)
+        parent = self.parent()
         print(
             f"mlplab: sweep {self.name}: {len(todo)} to run, {skipped} finished before",
             file=sys.stderr,
         )
         try:
-            codes, alone = self.run_stacks(parent, todo, stack) if stack else ([], todo)
+            codes = []
+            for chunk in stacks:
+                try:
+                    codes += self.train_stack(parent, chunk)
+                except ValueError as err:  # e.g. a buffer that differs between the trials
+                    print(f"mlplab: sweep: {len(chunk)} points cannot be stacked ({err}); "
+                          "trained alone", file=sys.stderr)  # fmt: skip
+                    alone += [trial.point for trial in chunk]
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
                 codes += list(pool.map(lambda p: self.run_child(parent, p), alone))
         except KeyboardInterrupt:
             self.client.set_terminated(parent, "KILLED")
             raise
         best = self.best(parent)
+        if best is not None and best.info.run_id in self.kept:  # a stacked child: its model
+            from mlplab.tracking import trial_runs
+
+            trial, record = self.kept[best.info.run_id]
+            trial_runs.log_model(best.info.run_id, trial, record, self.experiment, self.uri)
         if best is not None:
             self.client.set_tag(parent, "mlplab.best_child", best.info.run_id)
             self.client.set_tag(parent, "mlplab.best_child_name", best.info.run_name)  # as listed
@@ -386,6 +410,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metric", help="what picks the best child (default val/loss)")
     parser.add_argument("--mode", choices=["min", "max"], help="default: min for losses/errors")
     parser.add_argument("--goal", type=float, help="count the children whose metric reaches it")
+    parser.add_argument("--log_models", choices=["best", "all"], default="best",
+                        help="stacked children that get a logged model (a plain child always "
+                        "has one)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="children run in parallel")
     parser.add_argument("--stack", type=int, help="train up to N children of one architecture "
                         "as one stacked model (default: each its own fit)")  # fmt: skip
@@ -423,6 +450,7 @@ def main(argv: list[str]) -> None:
     if goal is not None and not (isinstance(goal, int | float) and math.isfinite(goal)):
         parser.exit(2, f"mlplab sweep: error: goal {goal!r}: a number, e.g. 1.0 for val/acc\n")
     sweep = Sweep(configs, grid, metric, mode, extra, experiment, name, args.tracking_uri, goal)
+    sweep.log_models = args.log_models
     result = sweep.run(args.workers, stack)
     if args.register_model and result["best"] is not None:
         from mlplab.tracking.logged_models import register_model

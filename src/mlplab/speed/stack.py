@@ -80,6 +80,14 @@ class Stack(nn.Module):
             dict(zip(self.names, self.weights, strict=True)), x
         )
 
+    def lay_out(self, strides: list[tuple[int, ...]]) -> None:
+        """Each weight in memory with these strides (its gradient's), values unchanged."""
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty_strided(w.shape, stride, dtype=w.dtype, device=w.device)
+                         .copy_(w.detach()))
+            for w, stride in zip(self.weights, strides, strict=True)
+        )  # fmt: skip
+
     def keep(self, index: torch.Tensor) -> None:
         """Only the trials at `index` stay (pruned mates leave the stack)."""
         self.weights = nn.ParameterList(nn.Parameter(w.detach()[index].clone())

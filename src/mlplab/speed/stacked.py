@@ -98,13 +98,50 @@ class Record:
 
 def build(args: list[str]) -> Trial:
     """Parse and build a trial's config as `mlplab fit` does (no Trainer, no run)."""
-    from mlplab.commands.search.check import ConfigCheck
+    return Builder().build(args)
 
-    check = ConfigCheck(args)
-    rng = torch.get_rng_state()
-    callbacks = [c.class_path.rsplit(".", 1)[-1] for c in check.config.trainer.callbacks or []]
-    return Trial({}, args, check.config, check.parser, check.model, check.datamodule, rng,
-                 callbacks)  # fmt: skip
+
+class Builder:
+    """Trials built as `mlplab fit` builds them, with one parser: a LightningCLI's set-up is
+    most of the 0.4 s a trial's own would take. Each trial's arguments are prepared as the
+    CLI prepares them, parsed, seeded (`seed_everything`, as LightningCLI seeds) and built."""
+
+    def __init__(self) -> None:
+        self.check = None
+
+    def build(self, args: list[str]) -> Trial:
+        import logging
+
+        from lightning.pytorch import seed_everything
+
+        from mlplab import cli
+        from mlplab.commands.search.check import ConfigCheck
+
+        if self.check is None:
+            check = self.check = ConfigCheck(args)
+        else:
+            check = self.check
+            prepared = cli.with_experiment_name(cli.with_checkpoint_config(
+                cli.with_weights_only(cli.check_config_files(list(args)))))  # fmt: skip
+            check.config = check.parse(prepared)
+            seed = check.config.get("seed_everything")
+            if seed is not False:
+                said = logging.getLogger("lightning.fabric.utilities.seed")
+                level = said.level
+                said.setLevel(logging.WARNING)  # no "Seed set" line per trial
+                try:
+                    check.config.seed_everything = seed_everything(
+                        None if seed is True else seed, workers=True
+                    )
+                finally:
+                    said.setLevel(level)
+            check.before_instantiate_classes()
+            check.instantiate_classes()
+        rng = torch.get_rng_state()
+        config = check.config
+        callbacks = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks or []]
+        return Trial({}, args, config, check.parser, check.model, check.datamodule, rng,
+                     callbacks)  # fmt: skip
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -190,6 +227,61 @@ def refusal(trial: Trial) -> str | None:
     return None
 
 
+# optimiser state per weight, at most (RMSprop: square average, gradient average, momentum)
+STATE = {"SGD": 1, "Adam": 2, "AdamW": 2, "RMSprop": 3, "Adagrad": 1}
+FLOAT = 4  # bytes
+
+
+def bytes_per_trial(trial: Trial) -> int:
+    """What one trial adds to a stack, at most: its weights with their gradient, optimiser
+    state and two copies (the best and the last), the activations of a training batch (kept
+    for the backward pass) and of the largest split evaluated at once, and an epoch's outputs
+    kept for its training metrics."""
+    module, data = trial.module, trial.datamodule
+    weights = sum(p.numel() for p in module.parameters())
+    state = STATE.get(type(module.configure_optimizers()).__name__, 3)
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
+             for m in module.modules() if not list(m.children())]  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, *data.data["train"][0].shape[1:]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_sample = sum(sizes) + out.numel()
+    splits = {name: len(split[0]) for name, split in data.data.items()}
+    batch = data.batch_size if 0 < data.batch_size < splits["train"] else splits["train"]
+    largest = max(n for name, n in splits.items() if name != "train") if len(splits) > 1 else 0
+    return FLOAT * (weights * (4 + state) + 3 * batch * per_sample + largest * per_sample
+                    + splits["train"] * out.numel())  # fmt: skip
+
+
+def available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_memory(trial: Trial, size: int, available: int | None = None) -> None:
+    """Refuse a stack of `size` such trials that would not fit in 80 % of the free memory,
+    saying the size that does."""
+    from mlplab.errors import UserError
+
+    trial.datamodule.setup("fit")
+    need = bytes_per_trial(trial)
+    free = available_memory() if available is None else available
+    if need * size <= 0.8 * free:
+        return
+    fits = int(0.8 * free // need)
+    gib = 2**30
+    advice = f"--stack {fits} fits" if fits else "not even one trial fits: train it alone"
+    raise UserError(
+        f"--stack {size}: a stack of {size} needs about {need * size / gib:.1f} GiB and "
+        f"{free / gib:.1f} GiB are free; {advice}"
+    )
+
+
 class StackedFit:
     """Trains `trials` (one `stack_key`) as one stacked model; `run()` gives each its `Record`."""
 
@@ -198,8 +290,9 @@ class StackedFit:
         first = trials[0]
         self.module = first.module
         self.config = first.config
+        first.datamodule.setup("fit")
         for trial in trials:  # the hooks read the data through the trainer; nothing else runs
-            trial.datamodule.setup("fit")
+            trial.datamodule.data = first.datamodule.data  # one stack key: the same data
             trial.module.trainer = SimpleNamespace(datamodule=trial.datamodule)
             trial.module.setup("fit")
             trial.module.trainer = None
@@ -300,7 +393,7 @@ class StackedFit:
                     index = order[:, j * batch : (j + 1) * batch]
                     xb, yb, wb = x[index], y[index], w[0][index] if w else None
                 losses, logits = self.losses(self.weights(), xb, yb, wb, "train")
-                losses.sum().backward()
+                self.backward(losses.sum())
                 self.optimizer.step()
                 self.optimizer.zero_grad()
                 step += 1
@@ -316,6 +409,7 @@ class StackedFit:
                 with torch.no_grad():
                     found = self.evaluate("val", self.weights(), step, current, "val")
                 for i, values in enumerate(found):
+                    current[i].metrics.append(("epoch", float(epoch), step))  # as a fit's
                     value = values.get(self.monitor)
                     if value is not None and (best[i] is None or (
                         value < best[i] if self.mode == "min" else value > best[i]
@@ -352,6 +446,18 @@ class StackedFit:
                 record.metrics += [(k, v, record.best_step) for k, v in values.items()]
         return records
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """The gradients as autograd makes them, the weights laid out as they come: a vmapped
+        linear layer's comes transposed, and `backward()` would copy it into the weight's layout
+        (7 MB a step for 8 MNIST MLPs), the update then read both layouts at once."""
+        weights = list(self.stack.weights)
+        grads = torch.autograd.grad(loss, weights)
+        if self.optimizer.steps == 0:  # before the first step makes the optimiser's state
+            self.stack.lay_out([g.stride() for g in grads])
+            weights = list(self.stack.weights)
+        for weight, grad in zip(weights, grads, strict=True):
+            weight.grad = grad
+
     def keep(self, positions: list[int]) -> None:
         """Only the trials at these positions go on: their rows of every stacked weight and
         optimiser state, their settings, generators and modules."""
@@ -362,13 +468,18 @@ class StackedFit:
         self.generators = [self.generators[i] for i in positions]
 
     def train_metrics(self, records, outputs, mean_loss, step, epoch) -> None:
-        """The epoch's training metrics per trial, from the logits of its batches."""
+        """The epoch's training metrics per trial, from the logits of its batches (one update
+        per trial with the whole epoch's, as `Gathered` updates a fit's)."""
         y = self.data["train"][1]
+        logits = torch.cat([out for out, _, _ in outputs], dim=1)
+        if outputs[0][1] is not None:  # one batch, shared by every trial
+            targets = [outputs[0][1]] * len(self.trials)
+        else:
+            index = torch.cat([ix for _, _, ix in outputs], dim=1)
+            targets = [y[index[i]] for i in range(len(self.trials))]
         for i, trial in enumerate(self.trials):
             metrics = trial.module.make_metrics().clone(prefix="train/")
-            for logits, shared_y, index in outputs:
-                metrics.update(*self.module.metric_inputs(
-                    logits[i], shared_y if shared_y is not None else y[index[i]]))
+            metrics.update(*self.module.metric_inputs(logits[i], targets[i]))
             found = {"train/loss": float(mean_loss[i]), "epoch": float(epoch),
                      **{k: float(v) for k, v in metrics.compute().items()}}  # fmt: skip
             records[i].metrics += [(k, v, step) for k, v in found.items()]

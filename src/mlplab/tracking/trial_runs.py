@@ -31,7 +31,8 @@ def write(
     for i in range(0, len(listed), PARAMS_PER_WRITE):
         client.log_batch(run_id, params=listed[i : i + PARAMS_PER_WRITE])
     now = int(time.time() * 1000)
-    metrics = [Metric(key, value, now, step) for key, value, step in record.metrics]
+    logged = {(key, step): value for key, value, step in record.metrics}  # `epoch` once a step
+    metrics = [Metric(key, value, now, step) for (key, step), value in logged.items()]
     for i in range(0, len(metrics), METRICS_PER_WRITE):
         client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_WRITE])
     if inputs:
@@ -39,6 +40,27 @@ def write(
     config = trial.config.clone()
     if config.get("tracking_uri"):
         config.tracking_uri = redact_uri(config.tracking_uri)
-    client.log_text(run_id, trial.parser.dump(config, skip_none=False), "config.yaml")
+    # checked when it was parsed: jsonargparse's validation is most of a dump's 0.2 s
+    text = trial.parser.dump(config, skip_none=False, skip_validation=True)
+    client.log_text(run_id, text, "config.yaml")
     client.set_terminated(run_id, status)
     return run_id
+
+
+def log_model(run_id: str, trial, record, experiment: str, uri: str) -> str | None:
+    """The trial's logged model, in its run, from its tested (best) weights at their step: what
+    a fit logs (`mlplab.tracking.logged_models.log_model`), without the checkpoint files."""
+    from mlplab.tracking.logged_models import log_model as log_fit_model
+    from mlplab.tracking.logger import MLflowRunLogger
+
+    state = trial.module.state_dict()
+    state.update(record.weights)
+    trial.module.load_state_dict(state)
+    logger = MLflowRunLogger(experiment_name=experiment, tracking_uri=uri, run_id=run_id)
+    try:
+        model = log_fit_model(logger, trial.module, trial.datamodule, record.best_step)
+    except BaseException as err:
+        logger.finish(err)
+        raise
+    logger.finish()
+    return model

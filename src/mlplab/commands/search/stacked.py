@@ -21,6 +21,9 @@ from mlplab.commands.sweep import point_name
 
 
 def optimize(search: Search, study: optuna.Study, size: int) -> None:
+    from mlplab.speed.stacked import Builder
+
+    builder = Builder()  # one parser for every trial of the search
     started = time.monotonic()
     timeout = search.setup.timeout
     while True:
@@ -32,10 +35,10 @@ def optimize(search: Search, study: optuna.Study, size: int) -> None:
         if timeout is not None and time.monotonic() - started > timeout:
             say(f"search {search.setup.name}: --timeout {timeout:g} s reached")
             break
-        run_batch(search, study, [study.ask() for _ in range(min(size, left))])
+        run_batch(search, study, [study.ask() for _ in range(min(size, left))], builder)
 
 
-def run_batch(search: Search, study: optuna.Study, asked: list[optuna.Trial]) -> None:
+def run_batch(search: Search, study: optuna.Study, asked: list[optuna.Trial], builder) -> None:
     """Build the asked trials as their fits would be, stack those that can share a stack,
     and run the others one by one as the search always runs a trial."""
     from mlplab.speed import stacked
@@ -50,7 +53,7 @@ def run_batch(search: Search, study: optuna.Study, asked: list[optuna.Trial]) ->
         point = suggest(trial, setup.space)
         args = [*setup.fit_args(point), "--experiment_name", setup.experiment,
                 "--run_name", f"trial-{trial.number}"]  # fmt: skip
-        built = stacked.build(args)
+        built = builder.build(args)
         built.point, built.optuna = point, trial
         why = stacked.refusal(built)
         if why is not None:
@@ -85,6 +88,7 @@ def train_stack(search: Search, study: optuna.Study, group: list) -> None:
         say(f"trial {built.optuna.number}: {point_name(built.point)}")
     validations = {id(t): 0 for t in group}
     values: dict[int, float] = {}
+    why: dict[int, str] = {}  # a pruned trial's reason, as a pruned fit's run says it
 
     def report(trials, found, epoch):
         pruned = []
@@ -95,8 +99,9 @@ def train_stack(search: Search, study: optuna.Study, group: list) -> None:
             trial.report(value, validations[id(built)])
             validations[id(built)] += 1
             if trial.should_prune():
-                say(f"trial {trial.number}: pruned by Optuna after epoch {epoch} "
-                    f"({setup.metric} {value:.4f})")  # fmt: skip
+                why[id(built)] = (f"pruned by Optuna after epoch {epoch} "
+                                  f"({setup.metric} {value:.4f})")  # fmt: skip
+                say(f"trial {trial.number}: {why[id(built)]}")
                 pruned.append(position)
         return pruned
 
@@ -108,8 +113,10 @@ def train_stack(search: Search, study: optuna.Study, group: list) -> None:
     for built, record, name in zip(group, records, names, strict=True):
         trial = built.optuna
         value = values.get(id(built))
+        extra = {}
         if record.pruned:
             state, status = TrialState.PRUNED, "KILLED"
+            extra["mlplab.failure"] = why[id(built)]
         elif value is None or not math.isfinite(value):
             state, status = TrialState.FAIL, "FAILED"
             reason = ("the fit ran no validation, so there is no val/ metric to compare"
@@ -119,7 +126,8 @@ def train_stack(search: Search, study: optuna.Study, group: list) -> None:
             state, status = TrialState.COMPLETE, "FINISHED"
         tags = {"mlflow.parentRunId": search.parent, "optuna.study": search.study_name,
                 "optuna.trial": str(trial.number), "optuna.state": state.name,
-                "mlplab.stack.mates": ", ".join(n for n in names if n != name)[:5000]}  # fmt: skip
+                "mlplab.stack.mates": ", ".join(n for n in names if n != name)[:5000],
+                **extra}  # fmt: skip
         run_id = trial_runs.write(client, experiment_id, built, record, name, tags, inputs,
                                   status=status)  # fmt: skip
         trial.set_user_attr("mlflow.run_id", run_id)

@@ -1,0 +1,112 @@
+"""`make bench-stack`: stacked trials (`--stack`) against the same trials one by one.
+
+1. xor     the 100-seed sweep of configs/xor_relu.yaml stacked, end to end (`mlplab sweep ...
+           --stack 100`, a process with its store), against one plain `mlplab fit` of that
+           config, timed before and after it (target: at most 2x);
+2. search  a 32-trial learning-rate search on moons (random sampler, seed 0, no pruner, 20
+           epochs: the same 32 trials both ways), `--stack 32` against one trial at a time
+           (target: at least 8x faster);
+3. mnist   8 seeds of configs/mnist.yaml as one stack, in-process, against one unstacked fit:
+           the seconds per trial and epoch (target: at most 0.9x).
+
+Ratios come from one run on one machine: the seconds drift with the machine, the ratios less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MLPLAB = [sys.executable, "-m", "mlplab"]
+QUIET = ["--log_system_metrics=false"]
+
+
+def timed(command: list[str], folder: Path) -> float:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlruns/mlflow.db"}
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"bench: {' '.join(command[2:])} failed:\n{result.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def xor(folder: Path) -> tuple[str, float, float, float]:
+    config = str(ROOT / "configs" / "xor_relu.yaml")
+    seeds = ",".join(str(i) for i in range(100))
+    sweep = [*MLPLAB, "sweep", "--config", config, "--grid", f"seed_everything=[{seeds}]",
+             "--stack", "100", *QUIET]  # fmt: skip
+    fit = [*MLPLAB, "fit", "--config", config, *QUIET]
+    before = timed(fit, folder / "fit1")
+    stacked = timed(sweep, folder / "sweep")
+    after = timed(fit, folder / "fit2")
+    one = (before + after) / 2
+    return "xor: 100 seeds stacked / one fit", stacked, one, stacked / one
+
+
+def search(folder: Path) -> tuple[str, float, float, float]:
+    folder.mkdir(parents=True, exist_ok=True)
+    space = folder / "space.yaml"
+    space.write_text("model.lr: {low: 1.0e-4, high: 0.1, log: true}\n")
+    command = [*MLPLAB, "search", "--config", str(ROOT / "configs" / "moons.yaml"),
+               "--space", str(space), "--metric", "val/acc", "--n_trials", "32",
+               "--sampler", "{name: random, seed: 0}", "--pruner", "none",
+               "--trainer.max_epochs=20", *QUIET]  # fmt: skip
+    stacked = timed([*command, "--stack", "32"], folder / "stacked")
+    alone = timed(command, folder / "alone")
+    return "moons: 32-trial search, stacked / one by one", stacked, alone, stacked / alone
+
+
+def mnist(data_dir: str) -> tuple[str, float, float, float]:
+    os.environ["MLPLAB_DATA_DIR"] = data_dir
+    sys.path.insert(0, str(ROOT / "src"))
+    from mlplab.cli import MLPLabCLI
+    from mlplab.speed.stacked import StackedFit, build
+
+    base = ["--config", str(ROOT / "configs" / "mnist.yaml"), "--trainer.max_epochs=2",
+            "--trainer.callbacks=[]", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            "--test_after_fit=false"]  # fmt: skip
+    trials = [build([*base, f"--seed_everything={seed}"]) for seed in range(8)]
+    fit = StackedFit(trials)
+    start = time.perf_counter()
+    fit.run()
+    stacked = (time.perf_counter() - start) / 2 / len(trials)
+    cli = MLPLabCLI(args=[*base, "--seed_everything=0"], run=False)
+    cli.datamodule.setup("fit")  # data read before the clock, as the stack's was
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    alone = (time.perf_counter() - start) / 2
+    return "mnist: s per trial-epoch, 8 stacked / one fit", stacked, alone, stacked / alone
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--only", choices=["xor", "search", "mnist"], action="append")
+    parser.add_argument(
+        "--data_dir",
+        default=os.environ.get("MLPLAB_DATA_DIR", str(ROOT.parent / "shared" / "datasets")),
+    )
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # the CLI built in-process reads its own arguments only
+    chosen = args.only or ["xor", "search", "mnist"]
+    print(f"{'what':48} {'stacked':>9} {'alone':>9} {'ratio':>7}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for part in chosen:
+            name, stacked, alone, ratio = {
+                "xor": lambda: xor(folder / "xor"),
+                "search": lambda: search(folder / "search"),
+                "mnist": lambda: mnist(args.data_dir),
+            }[part]()
+            print(f"{name:48} {stacked:9.2f} {alone:9.2f} {ratio:7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
