@@ -134,12 +134,15 @@ CASES = {
     "sweep unknown grid key": ("sweep --config {xor} --grid model.lrr=[0.1,0.2]", "--grid model.lrr: not a setting of this config; did you mean model.lr?"),
     "sweep value of a wrong type": ("sweep --config {xor} --grid data.batch_size=[4,abc]", "--grid data.batch_size: 'abc' is refused: data.batch_size: Expected a <class 'int'>"),
     "sweep value refused by its class": ("sweep --config {xor} --grid model.lr=[0.1,-1]", "--grid model.lr: -1 is refused"),
+    "sweep stack -1": ("sweep --config {xor} --grid model.lr=[0.1] --stack -1", "--stack -1: the number of trials trained together (0: each alone)"),
+    "sweep goal text": ("sweep --config {xor} --grid model.lr=[0.1] --goal abc", "--goal: invalid float value: 'abc'"),
     "sweep bad store": ("sweep --config {xor} --grid model.lr=[0.1] --tracking_uri foo://x", "tracking URI 'foo://x': MLflow has no store for foo"),
     # search
     "search no space": ("search --config {xor}", "give --config and --space, or a search file"),
     "search low above high": ("search --config {xor} --space {space_bad}", "search space model.lr: the range 1..0.1 is inverted"),
     "search unknown key": ("search --config {xor} --space {space_key}", "model.lrr is not a setting of this config; did you mean model.lr?"),
     "search unknown sampler": ("search --config {xor} --space {space} --sampler nope", "unknown sampler 'nope'; choose one of tpe"),
+    "search stack -1": ("search --config {xor} --space {space} --stack -1", "--stack -1: the number of trials trained together (0: each alone)"),
     "search zero trials": ("search --config {xor} --space {space} --n_trials 0", "--n_trials must be a positive integer, got 0"),
     "search in mlflow's db": ("search --config {xor} --space {space} --storage sqlite:///mlruns/mlflow.db", "the Optuna study cannot live in MLflow's database"),
     # the other commands

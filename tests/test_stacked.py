@@ -115,7 +115,8 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for the model's load
     settings = ["--trainer.max_epochs=2", "--log_system_metrics=false"]
     sweep = ["sweep", "--config", config("moons"), "--grid", "seed_everything=[1,2]",
-             "model.lr=[0.01,0.02]", "--stack", "4", *settings]  # fmt: skip
+             "model.lr=[0.01,0.02]", "--stack", "4", "--goal", "0.9", "--metric", "val/acc",
+             *settings]  # fmt: skip
     done = cli.run(sweep, tmp_path, env)
     assert done.code == 0, done.stderr[-2000:]
     assert sum("done (stacked, 4 trials)" in line for line in done.said) == 4
@@ -152,6 +153,12 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path, monk
     assert client.get_run(best).info.status == "FINISHED"
     loaded = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
     assert loaded.predict(np.zeros((3, 2), dtype=np.float32)).shape == (3, 1)
+    reached = sum(r.data.metrics["val/acc"] >= 0.9 for r in children)
+    assert parent.data.metrics["goal/reached/model.lr_0.01"] + parent.data.metrics[
+        "goal/reached/model.lr_0.02"] == reached
+    assert parent.data.metrics["goal/children/model.lr_0.01"] == 2
+    assert any(line.startswith("mlplab: sweep sweep-moons: val/acc >= 0.9 reached by "
+                               "model.lr=0.01: ") for line in done.stdout.splitlines())
     assert "figures/final.png" in [a.path for a in client.list_artifacts(parent.info.run_id,
                                                                          "figures")]  # fmt: skip
 

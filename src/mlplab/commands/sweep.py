@@ -435,7 +435,8 @@ def main(argv: list[str]) -> None:
         parser.exit(2, f"mlplab sweep: error: --workers {args.workers}: at least 1\n")
     stack = args.stack if args.stack is not None else spec.get("stack", 0)
     if not isinstance(stack, int) or stack < 0:
-        parser.exit(2, f"mlplab sweep: error: --stack {stack}: a number of trials, at least 1\n")
+        parser.exit(2, f"mlplab sweep: error: --stack {stack}: the number of trials trained "
+                       "together (0: each alone)\n")  # fmt: skip
     metric = args.metric or spec.get("metric", "val/loss")
     mode = args.mode or spec.get("mode") or better(metric)
     experiment = args.experiment_name or Path(configs[0]).stem

@@ -130,7 +130,8 @@ def settings(argv: list[str]):
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     stack = args.stack if args.stack is not None else spec.get("stack", 0)
     if not isinstance(stack, int) or stack < 0:
-        raise UserError(f"--stack {stack!r}: a number of trials, at least 1")
+        raise UserError(f"--stack {stack!r}: the number of trials trained together (0: each "
+                        "alone)")  # fmt: skip
     experiment = args.experiment_name or Path(configs[0]).stem
     setup = Setup(
         configs=configs,
