@@ -7,7 +7,8 @@
            epochs: the same 32 trials both ways), `--stack 32` against one trial at a time
            (target: at least 8x faster);
 3. mnist   8 seeds of configs/mnist.yaml as one stack, in-process, against one unstacked fit:
-           the seconds per trial and epoch (target: at most 0.9x).
+           the seconds per trial and epoch (target: at most 0.9x); on a GPU (`make gpu-check`:
+           `--only mnist --trials 64 --accelerator gpu`, target: at most 0.1x).
 
 Ratios come from one run on one machine: the seconds drift with the machine, the ratios less.
 """
@@ -62,7 +63,8 @@ def search(folder: Path) -> tuple[str, float, float, float]:
     return "moons: 32-trial search, stacked / one by one", stacked, alone, stacked / alone
 
 
-def mnist(data_dir: str) -> tuple[str, float, float, float]:
+def mnist(data_dir: str, size: int = 8, accelerator: str = "cpu") -> tuple[str, float, float,
+                                                                         float]:  # fmt: skip
     os.environ["MLPLAB_DATA_DIR"] = data_dir
     sys.path.insert(0, str(ROOT / "src"))
     from mlplab.cli import MLPLabCLI
@@ -71,8 +73,8 @@ def mnist(data_dir: str) -> tuple[str, float, float, float]:
     base = ["--config", str(ROOT / "configs" / "mnist.yaml"), "--trainer.max_epochs=2",
             "--trainer.callbacks=[]", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-            "--test_after_fit=false"]  # fmt: skip
-    trials = [build([*base, f"--seed_everything={seed}"]) for seed in range(8)]
+            "--test_after_fit=false", f"--trainer.accelerator={accelerator}"]  # fmt: skip
+    trials = [build([*base, f"--seed_everything={seed}"]) for seed in range(size)]
     fit = StackedFit(trials)
     start = time.perf_counter()
     fit.run()
@@ -82,13 +84,16 @@ def mnist(data_dir: str) -> tuple[str, float, float, float]:
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     alone = (time.perf_counter() - start) / 2
-    return "mnist: s per trial-epoch, 8 stacked / one fit", stacked, alone, stacked / alone
+    name = f"mnist ({accelerator}): s per trial-epoch, {size} stacked / one fit"
+    return name, stacked, alone, stacked / alone
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--only", choices=["xor", "search", "mnist"], action="append")
+    parser.add_argument("--trials", type=int, default=8, help="mnist: trials in the stack")
+    parser.add_argument("--accelerator", default="cpu", help="mnist: cpu, or gpu (bench/gpu.sh)")
     parser.add_argument(
         "--data_dir",
         default=os.environ.get("MLPLAB_DATA_DIR", str(ROOT.parent / "shared" / "datasets")),
@@ -103,7 +108,7 @@ def main() -> None:
             name, stacked, alone, ratio = {
                 "xor": lambda: xor(folder / "xor"),
                 "search": lambda: search(folder / "search"),
-                "mnist": lambda: mnist(args.data_dir),
+                "mnist": lambda: mnist(args.data_dir, args.trials, args.accelerator),
             }[part]()
             print(f"{name:48} {stacked:9.2f} {alone:9.2f} {ratio:7.2f}", flush=True)
 

@@ -232,3 +232,21 @@ def test_a_step_that_cannot_be_captured_is_one_line():
                       callbacks=[FastPath(cuda_graph=True)])  # fmt: skip
     with pytest.raises(UserError, match="fast_path.cuda_graph: the forward pass cannot be captur"):
         trainer.fit(task, DigitsDataModule(batch_size=16, chunk=8, on_device=True))
+
+
+def test_a_stack_trains_on_the_gpu_as_each_trial_alone():
+    """`--stack` on a CUDA device: the stacked trials' weights are their own GPU fits'."""
+    from mlplab.speed.stacked import StackedFit, build, device_of
+    from test_stacked import BASE, own_fit
+
+    args = [*BASE, *GPU]
+    points = [["--seed_everything=1", "--model.lr=0.01"], ["--seed_everything=2",
+                                                           "--model.lr=0.003"]]  # fmt: skip
+    trials = [build([*args, *point]) for point in points]
+    assert device_of(trials[0].config).type == "cuda"
+    records = StackedFit(trials).run()
+    for point, record in zip(points, records, strict=True):
+        alone = own_fit([*args, *point])
+        for key, weight in record.last.items():
+            assert weight.is_cuda
+            torch.testing.assert_close(weight, alone[key].to(weight.device), atol=1e-4, rtol=0)

@@ -39,7 +39,9 @@ for step in $steps; do
     case $step in
         tests) "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 |
             tee "$figures/tests.txt" || status=1 ;;
-        bench) "$python" bench/gpu.py --out "$figures/bench.md" || status=1 ;;
+        bench) "$python" bench/gpu.py --out "$figures/bench.md" || status=1
+            "$python" bench/stacked.py --only mnist --trials 64 --accelerator gpu |
+                tee "$figures/stacked.txt" || status=1 ;;
         reproduce)
             # shellcheck disable=SC2086  # the extra arguments split as words
             "$python" -m mlplab reproduce --experiments my_project.experiments --output "$figures/RESULTS.md" ${REPRODUCE_ARGS:-} \

@@ -195,10 +195,12 @@ def refusal(trial: Trial) -> str | None:
     for key, value in config.trainer.items():
         if key.split(".")[0] not in TRAINER_KEPT and value != defaults.get(key):
             return f"trainer.{key} {value} is not kept by a stack"
-    if config.trainer.get("devices") not in ("auto", 1, "1", None) or config.trainer.get(
-        "accelerator"
-    ) not in ("auto", "cpu", None):
-        return "stacks train on one CPU for now"
+    devices, accelerator = config.trainer.get("devices"), config.trainer.get("accelerator")
+    if devices not in ("auto", 1, "1", None) or accelerator not in ("auto", "cpu", "gpu", "cuda",
+                                                                     None):  # fmt: skip
+        return f"a stack trains on one device (trainer.devices {devices}, {accelerator})"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return "no CUDA device here"
     for callback in config.trainer.callbacks or []:
         name = callback.class_path.rsplit(".", 1)[-1]
         if callback.class_path.startswith("lightning.") and name not in REPORTING:
@@ -257,7 +259,9 @@ def bytes_per_trial(trial: Trial) -> int:
                     + splits["train"] * out.numel())  # fmt: skip
 
 
-def available_memory() -> int:
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     import psutil
 
     return psutil.virtual_memory().available
@@ -270,7 +274,7 @@ def check_memory(trial: Trial, size: int, available: int | None = None) -> None:
 
     trial.datamodule.setup("fit")
     need = bytes_per_trial(trial)
-    free = available_memory() if available is None else available
+    free = available_memory(device_of(trial.config)) if available is None else available
     if need * size <= 0.8 * free:
         return
     fits = int(0.8 * free // need)
@@ -282,6 +286,14 @@ def check_memory(trial: Trial, size: int, available: int | None = None) -> None:
     )
 
 
+def device_of(config) -> torch.device:
+    """Where a trial's fit would train: a CUDA device where the trainer asks for one or leaves
+    it to Lightning (`auto`) and one is there, else the CPU."""
+    accelerator = config.trainer.get("accelerator") or "auto"
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
 class StackedFit:
     """Trains `trials` (one `stack_key`) as one stacked model; `run()` gives each its `Record`."""
 
@@ -290,12 +302,14 @@ class StackedFit:
         first = trials[0]
         self.module = first.module
         self.config = first.config
+        self.device = device_of(first.config)
         first.datamodule.setup("fit")
         for trial in trials:  # the hooks read the data through the trainer; nothing else runs
             trial.datamodule.data = first.datamodule.data  # one stack key: the same data
             trial.module.trainer = SimpleNamespace(datamodule=trial.datamodule)
             trial.module.setup("fit")
             trial.module.trainer = None
+            trial.module.to(self.device)
         names = {n for n, _ in self.module.named_buffers()}
         for trial in trials[1:]:
             for name, buffer in trial.module.named_buffers():
@@ -307,8 +321,9 @@ class StackedFit:
         per_trial = [{k: v for k, v in o.param_groups[0].items() if k in DEFAULTS[path]}
                      for o in optimizers]  # fmt: skip
         self.optimizer = StackedOptimizer(self.stack, path, per_trial)
-        self.data = first.datamodule.data
-        self.generators = []
+        self.data = {split: tuple(t.to(self.device) for t in tensors)
+                     for split, tensors in first.datamodule.data.items()}  # fmt: skip
+        self.generators = []  # on the CPU, as the loaders' samplers draw there
         for trial in trials:
             generator = torch.Generator()
             generator.set_state(trial.rng)
@@ -348,7 +363,7 @@ class StackedFit:
             torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base seed
             seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
             orders.append(torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
-        return torch.stack(orders)
+        return torch.stack(orders).to(self.device)
 
     def evaluate(self, split: str, weights, step: int, record: list[Record], prefix: str):
         x, y, *w = self.data[split]
@@ -356,7 +371,7 @@ class StackedFit:
             losses, logits = self.losses(weights, x, y, w[0] if w else None, split)
         values = []
         for i, trial in enumerate(self.trials):
-            metrics = trial.module.make_metrics().clone(prefix=f"{prefix}/")
+            metrics = trial.module.make_metrics().clone(prefix=f"{prefix}/").to(self.device)
             metrics.update(*self.module.metric_inputs(logits[i], y))
             found = {f"{prefix}/loss": float(losses[i])}
             found.update({k: float(v) for k, v in metrics.compute().items()})
@@ -478,7 +493,7 @@ class StackedFit:
             index = torch.cat([ix for _, _, ix in outputs], dim=1)
             targets = [y[index[i]] for i in range(len(self.trials))]
         for i, trial in enumerate(self.trials):
-            metrics = trial.module.make_metrics().clone(prefix="train/")
+            metrics = trial.module.make_metrics().clone(prefix="train/").to(self.device)
             metrics.update(*self.module.metric_inputs(logits[i], targets[i]))
             found = {"train/loss": float(mean_loss[i]), "epoch": float(epoch),
                      **{k: float(v) for k, v in metrics.compute().items()}}  # fmt: skip
