@@ -233,8 +233,18 @@ def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
     assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in complete)
     assert any(f"6 trials ({len(complete)} complete, {len(pruned)} pruned" in line
                for line in done.said)  # fmt: skip
+    best = client.get_run(parent_of(client, experiment)).data.tags["mlplab.best_child"]
+    ids = {r.info.run_id for r in children}
+    models = [m.source_run_id for m in client.search_logged_models(experiment_ids=[experiment])
+              if m.source_run_id in ids]  # fmt: skip
+    assert models == [best]
     again = cli.run(search, tmp_path, env)
     assert again.code == 0 and any("has 6 results of 6" in line for line in again.said)
+
+
+def parent_of(client, experiment: str) -> str:
+    (parent,) = client.search_runs([experiment], "tags.`mlplab.command` = 'search'")
+    return parent.info.run_id
 
 
 def test_a_stack_that_would_not_fit_says_the_size_that_does():

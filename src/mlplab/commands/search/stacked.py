@@ -24,6 +24,7 @@ def optimize(search: Search, study: optuna.Study, size: int) -> None:
     from mlplab.speed.stacked import Builder
 
     builder = Builder()  # one parser for every trial of the search
+    kept: dict[str, tuple] = {}  # the best stacked trial so far: run id -> (trial, record)
     started = time.monotonic()
     timeout = search.setup.timeout
     while True:
@@ -35,10 +36,37 @@ def optimize(search: Search, study: optuna.Study, size: int) -> None:
         if timeout is not None and time.monotonic() - started > timeout:
             say(f"search {search.setup.name}: --timeout {timeout:g} s reached")
             break
-        run_batch(search, study, [study.ask() for _ in range(min(size, left))], builder)
+        run_batch(search, study, [study.ask() for _ in range(min(size, left))], builder, kept)
+    log_best_model(search, study, kept)
 
 
-def run_batch(search: Search, study: optuna.Study, asked: list[optuna.Trial], builder) -> None:
+def log_best_model(search: Search, study: optuna.Study, kept: dict) -> None:
+    """The best trial's logged model, where it trained stacked here (a trial trained alone
+    logged its own)."""
+    from mlplab.tracking import trial_runs
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return
+    run_id = study.best_trial.user_attrs.get("mlflow.run_id")
+    if run_id in kept:
+        trial, record = kept[run_id]
+        trial_runs.log_model(run_id, trial, record, search.setup.experiment, search.uri)
+
+
+def keep_best(study: optuna.Study, kept: dict, stacked: dict) -> None:
+    """Keep the trial and record of the study's best trial if it is one of `stacked` (run id
+    -> (trial, record)); forget the one kept before."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    run_id = study.best_trial.user_attrs.get("mlflow.run_id") if complete else None
+    if run_id in stacked:
+        kept.clear()
+        kept[run_id] = stacked[run_id]
+
+
+def run_batch(
+    search: Search, study: optuna.Study, asked: list[optuna.Trial], builder, kept: dict
+) -> None:
     """Build the asked trials as their fits would be, stack those that can share a stack,
     and run the others one by one as the search always runs a trial."""
     from mlplab.speed import stacked
@@ -63,7 +91,7 @@ def run_batch(search: Search, study: optuna.Study, asked: list[optuna.Trial], bu
         key = json.dumps(stacked.stack_key(built), sort_keys=True, default=str)
         groups.setdefault(key, []).append(built)
     for group in groups.values():
-        train_stack(search, study, group)
+        keep_best(study, kept, train_stack(search, study, group))
     for trial in alone:
         try:
             value = search.objective(trial)
@@ -75,7 +103,8 @@ def run_batch(search: Search, study: optuna.Study, asked: list[optuna.Trial], bu
             study.tell(trial, value)
 
 
-def train_stack(search: Search, study: optuna.Study, group: list) -> None:
+def train_stack(search: Search, study: optuna.Study, group: list) -> dict[str, tuple]:
+    """Train one stack, write and tell each trial; their trials and records by run id."""
     from mlplab.speed.stacked import StackedFit
     from mlplab.tracking import trial_runs
     from mlplab.tracking.logger import dataset_inputs
@@ -110,6 +139,7 @@ def train_stack(search: Search, study: optuna.Study, group: list) -> None:
     experiment_id = ensure_experiment(client, setup.experiment, search.uri)
     inputs = dataset_inputs(group[0].datamodule)
     names = [f"trial-{n}" for n in numbers]
+    written = {}
     for built, record, name in zip(group, records, names, strict=True):
         trial = built.optuna
         value = values.get(id(built))
@@ -139,3 +169,5 @@ def train_stack(search: Search, study: optuna.Study, group: list) -> None:
         else:
             study.tell(trial, state=state)
         say(f"trial {trial.number}: {outcome} after {record.epochs} epochs (stacked)")
+        written[run_id] = (built, record)
+    return written
