@@ -10,6 +10,8 @@
            the seconds per trial and epoch (target: at most 0.9x); on a GPU (`make gpu-check`:
            `--only mnist --trials 64 --accelerator gpu`, target: at most 0.1x).
 
+`--only writes`: 100 XOR trials built, trained and written as child runs, each phase timed.
+
 Ratios come from one run on one machine: the seconds drift with the machine, the ratios less.
 """
 
@@ -88,10 +90,45 @@ def mnist(data_dir: str, size: int = 8, accelerator: str = "cpu") -> tuple[str, 
     return name, stacked, alone, stacked / alone
 
 
+def writes(folder: Path) -> tuple[str, float, float, float]:
+    """100 XOR trials built, trained as one stack and written as child runs: the seconds a
+    trial costs each phase (printed), and the writes against the training."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from mlflow.tracking import MlflowClient
+
+    from mlplab.speed.stacked import Builder, StackedFit
+    from mlplab.tracking import trial_runs
+    from mlplab.tracking.logger import dataset_inputs
+    from mlplab.tracking.store import ensure_experiment, open_store
+
+    builder = Builder()
+    start = time.perf_counter()
+    trials = [builder.build(["--config", str(ROOT / "configs" / "xor_relu.yaml"),
+                             f"--seed_everything={seed}"]) for seed in range(100)]  # fmt: skip
+    built = time.perf_counter()
+    records = StackedFit(trials).run()
+    trained = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = open_store(f"sqlite:///{folder}/mlflow.db")
+    client = MlflowClient(uri)
+    experiment = ensure_experiment(client, "xor_relu", uri)
+    inputs = dataset_inputs(trials[0].datamodule)
+    opened = time.perf_counter()
+    for i, (trial, record) in enumerate(zip(trials, records, strict=True)):
+        trial_runs.write(client, experiment, trial, record, f"seed {i}", {}, inputs)
+    written = time.perf_counter()
+    values = sum(len(r.metrics) for r in records)
+    print(f"writes: build {(built - start) * 10:.0f} ms a trial, train {trained - built:.1f} s "
+          f"for all, write {(written - opened) * 10:.0f} ms a child ({values} metric values)",
+          flush=True)  # fmt: skip
+    return "xor: writing 100 children / training them", written - opened, trained - built, (
+        written - opened) / (trained - built)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--only", choices=["xor", "search", "mnist"], action="append")
+    parser.add_argument("--only", choices=["xor", "search", "mnist", "writes"], action="append")
     parser.add_argument("--trials", type=int, default=8, help="mnist: trials in the stack")
     parser.add_argument("--accelerator", default="cpu", help="mnist: cpu, or gpu (bench/gpu.sh)")
     parser.add_argument(
@@ -109,6 +146,7 @@ def main() -> None:
                 "xor": lambda: xor(folder / "xor"),
                 "search": lambda: search(folder / "search"),
                 "mnist": lambda: mnist(args.data_dir, args.trials, args.accelerator),
+                "writes": lambda: writes(folder / "writes"),
             }[part]()
             print(f"{name:48} {stacked:9.2f} {alone:9.2f} {ratio:7.2f}", flush=True)
 
