@@ -27,8 +27,7 @@ from mlplab.speed.stacked import (
 # 13 batches, without the figure callbacks and the store
 BASE = ["--config", config("moons"), "--model.net.hidden_sizes=[8]",
         "--model.net.activation=tanh", "--trainer.max_epochs=3", "--trainer.callbacks=[]",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        "--test_after_fit=false"]  # fmt: skip
+        "--trainer.logger=false", "--test_after_fit=false"]  # fmt: skip
 OPTIMISERS = {
     "SGD": [["--model.optimizer=torch.optim.SGD", "--model.lr=0.1"],
             ["--model.optimizer=torch.optim.SGD", "--model.lr=0.05"]],
@@ -50,10 +49,11 @@ OPTIMISERS = {
 
 
 def own_fit(args: list[str]) -> dict[str, torch.Tensor]:
-    """The weights `mlplab fit ARGS` ends with (in-process, no run)."""
+    """The weights `mlplab fit ARGS` ends with (in-process, no run, no checkpoint file)."""
     from mlplab.cli import MLPLabCLI
 
-    return MLPLabCLI(args=["fit", *args]).model.state_dict()
+    fit = MLPLabCLI(args=["fit", *args, "--trainer.enable_checkpointing=false"])
+    return fit.model.state_dict()
 
 
 @pytest.mark.parametrize("name", OPTIMISERS)
@@ -106,13 +106,12 @@ def test_stack_keys_name_what_keeps_trials_apart():
     ]  # fmt: skip
 
 
-def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path, monkeypatch):
+def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
     """Four children trained as one stack: each a FINISHED child run with the params, metrics
     (to float32 rounding), datasets and config of the same point's own `mlplab fit`, and the
     names of its stack mates; a second run of the sweep finds them all finished."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     env = {"MLFLOW_TRACKING_URI": uri}
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for the model's load
     settings = ["--trainer.max_epochs=2", "--log_system_metrics=false"]
     sweep = ["sweep", "--config", config("moons"), "--grid", "seed_everything=[1,2]",
              "model.lr=[0.01,0.02]", "--stack", "4", "--goal", "0.9", "--metric", "val/acc",
@@ -151,7 +150,7 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path, monk
               if m.source_run_id in ids]  # fmt: skip
     assert [m.source_run_id for m in models] == [best]
     assert client.get_run(best).info.status == "FINISHED"
-    loaded = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    loaded = mlflow.pyfunc.load_model(models[0].artifact_location)
     assert loaded.predict(np.zeros((3, 2), dtype=np.float32)).shape == (3, 1)
     reached = sum(r.data.metrics["val/acc"] >= 0.9 for r in children)
     assert parent.data.metrics["goal/reached/model.lr_0.01"] + parent.data.metrics[
@@ -258,3 +257,45 @@ def test_a_stack_that_would_not_fit_says_the_size_that_does():
     check_memory(trial, 8, available=need * 10)
     with pytest.raises(UserError, match="not even one trial fits: train it alone"):
         check_memory(trial, 2, available=need)
+
+
+def test_a_diverging_trial_leaves_the_stack_failed_and_its_mate_goes_on():
+    base = ["--config", config("iris_regression"), "--trainer.max_epochs=5",
+            "--trainer.callbacks=[]", "--model.optimizer=torch.optim.SGD"]  # fmt: skip
+    calm, wild = StackedFit([build([*base, "--model.lr=0.001"]),
+                             build([*base, "--model.lr=10"])]).run()  # fmt: skip
+    assert calm.failure is None and calm.epochs == 5
+    assert any(key == "val/mae" for key, _, _ in calm.metrics)
+    assert wild.failure == ("training diverged: train/loss is nan (model.lr is 10.0: lower it, "
+                            "or standardize the inputs; divergence.factor sets the limit)")
+    assert wild.epochs == 1 and not any(key.startswith("train/") for key, _, _ in wild.metrics)
+
+
+def test_a_configs_own_metrics_are_a_stacked_trials_and_may_pick_its_best():
+    """`model.metrics` join a stacked trial's metrics, as its fit's, and the checkpoint's
+    monitor may be one of them: the tested weights are those of the highest val/f1."""
+    from test_my_project import METRICS
+
+    trial = build(["--config", config("iris_classification"), "--trainer.max_epochs=4",
+                   "--trainer.callbacks=[]", "--model.init_args.metrics", METRICS,
+                   "--checkpoint.monitor", "val/f1"])  # fmt: skip
+    assert refusal(trial) is None
+    (record,) = StackedFit([trial]).run()
+    keys = {key for key, _, _ in record.metrics}
+    assert {"train/f1", "train/auroc", "val/f1", "val/auroc"} <= keys
+    f1 = [(step, value) for key, value, step in record.metrics if key == "val/f1"]
+    assert record.best_step == max(f1, key=lambda sv: (sv[1], -sv[0]))[0]
+
+
+def test_checkpoint_settings_a_stack_cannot_keep_are_refused():
+    def why(*args: str) -> str | None:
+        return refusal(build([*BASE, *args]))
+
+    assert why("--trainer.enable_checkpointing=false") == (
+        "trainer.enable_checkpointing False is not kept by a stack"
+    )
+    assert why("--checkpoint.save_top_k=3") == "checkpoint.save_top_k 3 is not kept by a stack"
+    assert why("--checkpoint.monitor=train/loss") == (
+        "checkpoint.monitor train/loss: a stack keeps the best by val/loss, val/acc"
+    )
+    assert why("--checkpoint.monitor=val/acc") is None

@@ -212,9 +212,12 @@ class Sweep:
         trials, alone, reasons = [], [], {}
         builder = stacked.Builder()
         for point in todo:
-            trial = builder.build(self.fit_args(point))
-            trial.point = point
-            why = stacked.refusal(trial)
+            try:
+                trial = builder.build(self.fit_args(point))
+                trial.point = point
+                why = stacked.refusal(trial)
+            except Exception as err:  # noqa: BLE001 - its own fit says what is wrong
+                why = f"it cannot be built: {(str(err).strip().splitlines() or [''])[0][:200]}"
             if why is None:
                 trials.append(trial)
             else:
@@ -233,43 +236,73 @@ class Sweep:
             shown = ", ".join(dict.fromkeys(_short(k) for k in keys))
             print(f"mlplab: sweep: {len(groups)} groups train in separate stacks; they differ "
                   f"in {shown}", file=sys.stderr)  # fmt: skip
+        skipped = sorted({name for trial in trials for name in trial.callbacks})
+        if skipped:
+            print(f"mlplab: sweep: stacked children run without the config's callbacks "
+                  f"({', '.join(skipped)})", file=sys.stderr)  # fmt: skip
         for group in groups.values():
             stacked.check_memory(group[0], min(size, len(group)))
         return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)], alone
 
     def train_stack(self, parent: str, trials: list) -> list[int]:
+        """Train one stack and write each trial as a child run; their exit codes (1: its
+        training diverged, as a plain child's fit would fail)."""
         from mlplab.speed.stacked import StackedFit
         from mlplab.tracking import trial_runs
         from mlplab.tracking.logger import dataset_inputs
 
-        records = StackedFit(trials).run()
+        try:
+            fit = StackedFit(trials)
+        except ValueError as err:  # e.g. a buffer that differs between the trials
+            print(f"mlplab: sweep: {len(trials)} points cannot be stacked ({err}); trained alone",
+                  file=sys.stderr)  # fmt: skip
+            return [self.run_child(parent, trial.point) for trial in trials]
+        records = fit.run()
         experiment_id = ensure_experiment(self.client, self.experiment, self.uri)
         inputs = dataset_inputs(trials[0].datamodule)
         names = [point_name(trial.point) for trial in trials]
         stack = hashlib.sha1(json.dumps([parent, names]).encode()).hexdigest()[:8]
+        codes = []
         for trial, record, name in zip(trials, records, names, strict=True):
             mates = ", ".join(n for n in names if n != name)
             tags = {"mlflow.parentRunId": parent, POINT_TAG: _key(trial.point),
                     STACK_TAG: stack, MATES_TAG: mates[:5000]}  # fmt: skip
+            status = "FINISHED"
+            if record.failure:
+                tags["mlplab.failure"], status = record.failure, "FAILED"
             run_id = trial_runs.write(self.client, experiment_id, trial, record, name, tags,
-                                      inputs)  # fmt: skip
-            print(f"mlplab: sweep child {name}: done (stacked, {len(trials)} trials)",
+                                      inputs, status=status)  # fmt: skip
+            said = "done" if not record.failure else f"FAILED\n  {record.failure}"
+            print(f"mlplab: sweep child {name}: {said} (stacked, {len(trials)} trials)",
                   file=sys.stderr)  # fmt: skip
+            codes.append(1 if record.failure else 0)
+            if record.failure:
+                continue
             if self.log_models == "all":
                 trial_runs.log_model(run_id, trial, record, self.experiment, self.uri)
-            else:  # until the best is known
-                self.kept[run_id] = (trial, record)
-        return [0] * len(trials)
+            else:  # the best so far, until the best of all is known
+                self.keep_if_best(run_id, trial, record)
+        return codes
+
+    def keep_if_best(self, run_id: str, trial, record) -> None:
+        """Keep this stacked child's trial and record if its `metric` is the best so far (as
+        `best` reads it: the value at the last step), with those it ties, forgetting worse."""
+        values = [(step, value) for key, value, step in record.metrics if key == self.metric]
+        if not values or not math.isfinite(value := max(values)[1]):
+            return
+        kept = next(iter(self.kept.values()), None)
+        if kept is not None and value != kept[2]:
+            if (value < kept[2]) if self.mode == "max" else (value > kept[2]):
+                return
+            self.kept.clear()
+        self.kept[run_id] = (trial, record, value)
 
     def run_child(self, parent: str, point: dict) -> int:
         # a URI with a password in it goes to the child in its environment, never on its
         # command line (which every user of the machine can list)
         secret = redact_uri(self.uri) != self.uri
         command = [
-            sys.executable, "-m", "mlplab", "fit",
-            *[arg for config in self.configs for arg in ("--config", config)],
-            *point_args(point), *self.extra,
-            "--experiment_name", self.experiment, "--run_name", point_name(point),
+            sys.executable, "-m", "mlplab", "fit", *self.fit_args(point),
             *([] if secret else ["--tracking_uri", self.uri]),
             "--tags", json.dumps({"mlflow.parentRunId": parent, POINT_TAG: _key(point)}),
         ]  # fmt: skip
@@ -309,24 +342,18 @@ class Sweep:
             file=sys.stderr,
         )
         try:
-            codes = []
-            for chunk in stacks:
-                try:
-                    codes += self.train_stack(parent, chunk)
-                except ValueError as err:  # e.g. a buffer that differs between the trials
-                    print(f"mlplab: sweep: {len(chunk)} points cannot be stacked ({err}); "
-                          "trained alone", file=sys.stderr)  # fmt: skip
-                    alone += [trial.point for trial in chunk]
+            codes = [code for chunk in stacks for code in self.train_stack(parent, chunk)]
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
                 codes += list(pool.map(lambda p: self.run_child(parent, p), alone))
-        except KeyboardInterrupt:
-            self.client.set_terminated(parent, "KILLED")
+        except BaseException as err:  # the parent never stays RUNNING
+            interrupted = isinstance(err, KeyboardInterrupt | SystemExit)
+            self.client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
             raise
         best = self.best(parent)
         if best is not None and best.info.run_id in self.kept:  # a stacked child: its model
             from mlplab.tracking import trial_runs
 
-            trial, record = self.kept[best.info.run_id]
+            trial, record, _ = self.kept[best.info.run_id]
             trial_runs.log_model(best.info.run_id, trial, record, self.experiment, self.uri)
         if best is not None:
             self.client.set_tag(parent, "mlplab.best_child", best.info.run_id)

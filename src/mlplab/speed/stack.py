@@ -45,6 +45,12 @@ def architecture(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in module.named_parameters()}
 
 
+def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The trials at `index` (the leading dimension), in `tensor`'s own memory layout."""
+    kept = torch.empty_like(tensor[: len(index)])  # a slice of the leading dimension: its strides
+    return kept.copy_(tensor[index.to(tensor.device)])
+
+
 class Stack(nn.Module):
     """N networks as one module: `forward(x)` takes (N, B, F) per-trial inputs (or (B, F)
     shared by all) and answers (N, B, ...). `trial(i)` is trial i's own `state_dict`."""
@@ -89,8 +95,9 @@ class Stack(nn.Module):
         )  # fmt: skip
 
     def keep(self, index: torch.Tensor) -> None:
-        """Only the trials at `index` stay (pruned mates leave the stack)."""
-        self.weights = nn.ParameterList(nn.Parameter(w.detach()[index].clone())
+        """Only the trials at `index` stay (pruned mates leave the stack), each weight in its
+        memory layout."""
+        self.weights = nn.ParameterList(nn.Parameter(rows(w.detach(), index))
                                         for w in self.weights)  # fmt: skip
         self.size = len(index)
 
@@ -126,7 +133,7 @@ class StackedOptimizer:
         (call with the stack's own `keep`)."""
         index = torch.tensor(positions)
         self.settings = [self.settings[i] for i in positions]
-        self.state = [{k: v[index].clone() for k, v in state.items()} for state in self.state]
+        self.state = [{k: rows(v, index) for k, v in state.items()} for state in self.state]
 
     def value(self, key: str, like: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """Each trial's setting `key` (element `index` of a tuple) shaped to broadcast over

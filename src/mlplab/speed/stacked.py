@@ -45,8 +45,10 @@ BOOKKEEPING = ("experiment_name", "run_name", "tracking_uri", "tags", "log_syste
 # trainer settings a stacked fit keeps (or that change nothing it computes)
 TRAINER_KEPT = ("max_epochs", "check_val_every_n_epoch", "enable_progress_bar", "callbacks",
                 "enable_model_summary", "num_sanity_val_steps", "logger", "default_root_dir",
-                "log_every_n_steps", "enable_checkpointing", "accelerator", "devices",
-                "deterministic", "benchmark")  # fmt: skip
+                "log_every_n_steps", "accelerator", "devices", "deterministic",
+                "benchmark")  # fmt: skip
+# checkpoint settings a stacked fit keeps (what it tests: the best weights by monitor and mode)
+CHECKPOINT_KEPT = ("monitor", "mode", "filename", "save_last", "dirpath", "verbose")
 # Lightning's callbacks that only report: skipped without changing what a trial computes
 REPORTING = ("ModelSummary", "RichModelSummary", "TQDMProgressBar", "RichProgressBar",
              "LearningRateMonitor", "DeviceStatsMonitor", "Timer")  # fmt: skip
@@ -58,13 +60,14 @@ NEUTRAL = {"maximize": (False,), "amsgrad": (False,), "capturable": (False,),
 @runtime_checkable
 class Stackable(Protocol):
     """What a LightningModule offers to train stacked: `forward` and `loss` pure functions of
-    its weights (vmapped over the trials), and its metrics as a collection made afresh."""
+    its weights (vmapped over the trials), and every metric it logs as a collection made
+    afresh (`fresh_metrics`, unprefixed: `acc`, not `val/acc`)."""
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None): ...
 
     def metric_inputs(self, logits: torch.Tensor, y: torch.Tensor) -> tuple: ...
 
-    def make_metrics(self): ...
+    def fresh_metrics(self): ...
 
     def sample_weights(self, y: torch.Tensor, weight, stage: str): ...
 
@@ -94,6 +97,7 @@ class Record:
     last: dict[str, torch.Tensor] = field(default_factory=dict)  # the last epoch's
     epochs: int = 0  # trained
     pruned: bool = False  # left the stack at a validation (`StackedFit.run`'s `on_validation`)
+    failure: str | None = None  # why it left the stack failed (its training diverged)
 
 
 def build(args: list[str]) -> Trial:
@@ -186,21 +190,29 @@ def refusal(trial: Trial) -> str | None:
     """Why this trial cannot train in a stack (None: it can)."""
     config, module = trial.config, trial.module
     if not isinstance(module, Stackable):
-        return f"{type(module).__name__} has no loss/metric_inputs/make_metrics to stack"
+        return (f"{type(module).__name__} has no loss, metric_inputs, sample_weights and "
+                "fresh_metrics to stack")  # fmt: skip
     if not module.automatic_optimization:
         return f"{type(module).__name__} optimises by hand"
-    if config.get("ckpt_path"):
-        return "it resumes a checkpoint"
-    defaults = trial.parser.get_defaults().trainer
+    defaults = trial.parser.get_defaults()
     for key, value in config.trainer.items():
-        if key.split(".")[0] not in TRAINER_KEPT and value != defaults.get(key):
+        if key.split(".")[0] not in TRAINER_KEPT and value != defaults.trainer.get(key):
             return f"trainer.{key} {value} is not kept by a stack"
+    for key, value in config.checkpoint.items():
+        if key not in CHECKPOINT_KEPT and value != defaults.checkpoint.get(key):
+            return f"checkpoint.{key} {value} is not kept by a stack"
+    monitor = config.checkpoint.get("monitor")
+    logged = ["val/loss", *(f"val/{k}" for k in module.fresh_metrics().keys())]
+    if monitor is not None and monitor not in logged:
+        return f"checkpoint.monitor {monitor}: a stack keeps the best by {', '.join(logged)}"
     devices, accelerator = config.trainer.get("devices"), config.trainer.get("accelerator")
     if devices not in ("auto", 1, "1", None) or accelerator not in ("auto", "cpu", "gpu", "cuda",
                                                                      None):  # fmt: skip
         return f"a stack trains on one device (trainer.devices {devices}, {accelerator})"
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         return "no CUDA device here"
+    if devices in ("auto", None) and accelerator != "cpu" and torch.cuda.device_count() > 1:
+        return f"trainer.devices auto is {torch.cuda.device_count()} GPUs here (DDP)"
     for callback in config.trainer.callbacks or []:
         name = callback.class_path.rsplit(".", 1)[-1]
         if callback.class_path.startswith("lightning.") and name not in REPORTING:
@@ -335,6 +347,8 @@ class StackedFit:
         self.monitor = monitor
         self.mode = self.config.checkpoint.mode or better(monitor)
         self.test_after = self.config.get("test_after_fit", True) and "test" in self.data
+        divergence = self.config.get("divergence")
+        self.factor = divergence.get("factor") if divergence is not None else None
 
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.stack.names, self.stack.weights, strict=True))
@@ -371,7 +385,7 @@ class StackedFit:
             losses, logits = self.losses(weights, x, y, w[0] if w else None, split)
         values = []
         for i, trial in enumerate(self.trials):
-            metrics = trial.module.make_metrics().clone(prefix=f"{prefix}/").to(self.device)
+            metrics = trial.module.fresh_metrics().clone(prefix=f"{prefix}/").to(self.device)
             metrics.update(*self.module.metric_inputs(logits[i], y))
             found = {f"{prefix}/loss": float(losses[i])}
             found.update({k: float(v) for k, v in metrics.compute().items()})
@@ -385,7 +399,9 @@ class StackedFit:
         `on_validation(trials, values, epoch)` is called after each validation with the trials
         still training and their metrics; those at the positions it returns leave the stack
         there (pruned: no training metrics for that epoch and no test, as a fit stopped in its
-        validation)."""
+        validation). A trial whose epoch's `train/loss` is not finite, or above
+        `divergence.factor` times its first batch's, leaves as failed, as `Divergence` fails a
+        fit."""
         records = [Record() for _ in self.trials]
         current = list(records)  # aligned with the trials still in the stack
         x, y, *w = self.data["train"]
@@ -395,6 +411,7 @@ class StackedFit:
         steps = math.ceil(n / batch)
         has_val = "val" in self.data
         best: list[float | None] = [None] * len(self.trials)
+        initial: torch.Tensor | None = None  # each trial's first batch's loss
         step = 0
         for epoch in range(self.max_epochs):
             validate = has_val and (epoch + 1) % self.every == 0
@@ -412,12 +429,14 @@ class StackedFit:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
                 step += 1
+                part = losses.detach() * len(xb if order is None else xb[0])
+                total = part if total is None else total + part
+                initial = losses.detach().clone() if initial is None else initial
                 if keep:
-                    part = losses.detach() * len(xb if order is None else xb[0])
-                    total = part if total is None else total + part
                     outputs.append((logits.detach(), yb if order is None else None, index))
             for record in current:
                 record.epochs = epoch + 1
+            leaving: dict[int, str] = {}
             if validate:
                 for generator in self.generators:  # the validation loader's base seed
                     torch.empty((), dtype=torch.int64).random_(generator=generator)
@@ -426,26 +445,29 @@ class StackedFit:
                 for i, values in enumerate(found):
                     current[i].metrics.append(("epoch", float(epoch), step))  # as a fit's
                     value = values.get(self.monitor)
-                    if value is not None and (best[i] is None or (
+                    if value is not None and math.isfinite(value) and (best[i] is None or (
                         value < best[i] if self.mode == "min" else value > best[i]
                     )):  # fmt: skip
                         best[i] = value
                         current[i].best_step, current[i].best_epoch = step, epoch
                         current[i].weights = self.stack.trial(i)
-                leaving = set(on_validation(self.trials, found, epoch)) if on_validation else ()
-                if leaving:
-                    keep_at = [i for i in range(len(self.trials)) if i not in leaving]
-                    for i in set(range(len(self.trials))) - set(keep_at):
-                        current[i].pruned = True
-                        current[i].last = self.stack.trial(i)
-                    if not keep_at:
-                        return records
-                    self.keep(keep_at)
-                    current = [current[i] for i in keep_at]
-                    best = [best[i] for i in keep_at]
-                    total = total[keep_at] if total is not None else None
-                    outputs = [(logits[keep_at], shared_y, None if ix is None else ix[keep_at])
-                               for logits, shared_y, ix in outputs]  # fmt: skip
+                if on_validation is not None:
+                    leaving.update(dict.fromkeys(on_validation(self.trials, found, epoch), ""))
+            for i, loss in enumerate((total / n).tolist()):
+                if i not in leaving and (reason := self.diverged(loss, float(initial[i]), i)):
+                    leaving[i] = reason
+            if leaving:
+                for i, reason in leaving.items():
+                    current[i].pruned, current[i].failure = not reason, reason or None
+                    current[i].last = self.stack.trial(i)
+                stay = [i for i in range(len(self.trials)) if i not in leaving]
+                if not stay:
+                    return records
+                self.keep(stay)
+                current, best = [current[i] for i in stay], [best[i] for i in stay]
+                total, initial = total[stay], initial[stay]
+                outputs = [(logits[stay], shared_y, None if ix is None else ix[stay])
+                           for logits, shared_y, ix in outputs]  # fmt: skip
             if keep:
                 self.train_metrics(current, outputs, total / n, step, epoch)
         for i, record in enumerate(current):
@@ -460,6 +482,18 @@ class StackedFit:
             for record, values in zip(current, found, strict=True):
                 record.metrics += [(k, v, record.best_step) for k, v in values.items()]
         return records
+
+    def diverged(self, loss: float, initial: float, position: int) -> str:
+        """Why trial `position`'s training diverged this epoch ("" if it did not), worded as
+        `mlplab.safety.divergence.Divergence` words it."""
+        factor = self.factor
+        if math.isfinite(loss) and not (factor and initial and loss > factor * initial):
+            return ""
+        said = (f"train/loss is {loss}" if not math.isfinite(loss) else
+                f"train/loss is {loss:.3g}, over {factor:g}x the first batch's {initial:.3g}")
+        lr = self.optimizer.settings[position]["lr"]
+        return (f"training diverged: {said} (model.lr is {lr}: lower it, or standardize the "
+                "inputs; divergence.factor sets the limit)")  # fmt: skip
 
     def backward(self, loss: torch.Tensor) -> None:
         """The gradients as autograd makes them, the weights laid out as they come: a vmapped
@@ -493,7 +527,7 @@ class StackedFit:
             index = torch.cat([ix for _, _, ix in outputs], dim=1)
             targets = [y[index[i]] for i in range(len(self.trials))]
         for i, trial in enumerate(self.trials):
-            metrics = trial.module.make_metrics().clone(prefix="train/").to(self.device)
+            metrics = trial.module.fresh_metrics().clone(prefix="train/").to(self.device)
             metrics.update(*self.module.metric_inputs(logits[i], targets[i]))
             found = {"train/loss": float(mean_loss[i]), "epoch": float(epoch),
                      **{k: float(v) for k, v in metrics.compute().items()}}  # fmt: skip

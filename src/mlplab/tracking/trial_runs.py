@@ -25,9 +25,20 @@ def write(
     configs = [str(path) for path in trial.config.get("config") or []]
     tags = {**provenance.tags("fit", trial.args, configs), "mlplab.command": "fit", **tags}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    try:
+        fill(client, run_id, trial, record, inputs)
+    except BaseException as err:  # never left RUNNING
+        client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def fill(client, run_id: str, trial, record, inputs) -> None:
+    """The run's params, metrics, datasets and config."""
     params, _ = run_params(trial.parser, trial.config, given_settings(trial.args))
     params.update({"trainer.world_size": 1, "trainer.nodes_used": 1, **shapes(trial.datamodule)})
-    listed = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    listed = [Param(k, str(v)[:250]) for k, v in params.items()]  # as Lightning's logger cuts
     for i in range(0, len(listed), PARAMS_PER_WRITE):
         client.log_batch(run_id, params=listed[i : i + PARAMS_PER_WRITE])
     now = int(time.time() * 1000)
@@ -43,8 +54,6 @@ def write(
     # checked when it was parsed: jsonargparse's validation is most of a dump's 0.2 s
     text = trial.parser.dump(config, skip_none=False, skip_validation=True)
     client.log_text(run_id, text, "config.yaml")
-    client.set_terminated(run_id, status)
-    return run_id
 
 
 def log_model(run_id: str, trial, record, experiment: str, uri: str) -> str | None:

@@ -84,6 +84,14 @@ class Task(LightningModule):
     def make_metrics(self) -> torchmetrics.MetricCollection:
         raise NotImplementedError(f"{type(self).__name__} defines its metrics")
 
+    def fresh_metrics(self) -> torchmetrics.MetricCollection:
+        """Every metric the task logs (its own and `metrics`), unprefixed and empty: what a
+        stacked trial updates (`mlplab.speed.stacked`)."""
+        fresh = self.val_metrics.clone()
+        fresh.prefix = None  # `clone` keeps the old prefix where given none
+        fresh.reset()
+        return fresh
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None):
         """The batch's loss; with `weight` (one per sample) as Keras weighs: each sample's loss
         times its weight, averaged over the batch."""

@@ -172,7 +172,12 @@ def main(argv: list[str]) -> None:
     component(setup.pruner, PRUNERS, "pruner")
     check_storage(setup.storage, setup.tracking_uri)
     written = None if args.worker else check_config(setup)
-    search = Search(setup)
+    if setup.stack:
+        from mlplab.commands.search.stacked import StackedSearch
+
+        search = StackedSearch(setup)
+    else:
+        search = Search(setup)
     search.run(args.workers, written, worker=args.worker, record=record_outcome)
     if not args.worker and not search.completed:
         sys.exit(1)  # every trial failed or was pruned: the search found nothing

@@ -17,51 +17,46 @@ from optuna.trial import TrialState
 
 from mlplab.commands.search.space import suggest
 from mlplab.commands.search.study import HOST, Search, TrialFailed, counted, say
-from mlplab.commands.sweep import point_name
+from mlplab.commands.sweep import MATES_TAG, STACK_TAG, point_name
+from mlplab.errors import UserError
+
+
+class StackedSearch(Search):
+    def run_trials(self, study: optuna.Study) -> None:
+        optimize(self, study, self.setup.stack)
 
 
 def optimize(search: Search, study: optuna.Study, size: int) -> None:
-    from mlplab.speed.stacked import Builder
+    from mlplab.speed.stacked import Builder, check_memory
 
     builder = Builder()  # one parser for every trial of the search
+    check_memory(builder.build(search.setup.fit_args()), size)  # the config as written
     kept: dict[str, tuple] = {}  # the best stacked trial so far: run id -> (trial, record)
     started = time.monotonic()
     timeout = search.setup.timeout
     while True:
         search.reclaim(study)
-        done = sum(map(counted, study.get_trials(deepcopy=False)))
-        left = search.setup.n_trials - done
+        trials = study.get_trials(deepcopy=False)
+        running = sum(t.state == TrialState.RUNNING for t in trials)  # other workers' too
+        left = search.setup.n_trials - sum(map(counted, trials)) - running
         if left <= 0:
             break
         if timeout is not None and time.monotonic() - started > timeout:
             say(f"search {search.setup.name}: --timeout {timeout:g} s reached")
             break
         run_batch(search, study, [study.ask() for _ in range(min(size, left))], builder, kept)
-    log_best_model(search, study, kept)
+    run_id = best_run(study)
+    if run_id in kept:  # the best trial trained stacked here: its model (alone, it has one)
+        from mlplab.tracking import trial_runs
 
-
-def log_best_model(search: Search, study: optuna.Study, kept: dict) -> None:
-    """The best trial's logged model, where it trained stacked here (a trial trained alone
-    logged its own)."""
-    from mlplab.tracking import trial_runs
-
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not complete:
-        return
-    run_id = study.best_trial.user_attrs.get("mlflow.run_id")
-    if run_id in kept:
         trial, record = kept[run_id]
         trial_runs.log_model(run_id, trial, record, search.setup.experiment, search.uri)
 
 
-def keep_best(study: optuna.Study, kept: dict, stacked: dict) -> None:
-    """Keep the trial and record of the study's best trial if it is one of `stacked` (run id
-    -> (trial, record)); forget the one kept before."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    run_id = study.best_trial.user_attrs.get("mlflow.run_id") if complete else None
-    if run_id in stacked:
-        kept.clear()
-        kept[run_id] = stacked[run_id]
+def best_run(study: optuna.Study) -> str | None:
+    """The MLflow run of the study's best trial (None before any completed)."""
+    complete = any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    return study.best_trial.user_attrs.get("mlflow.run_id") if complete else None
 
 
 def run_batch(
@@ -81,9 +76,12 @@ def run_batch(
         point = suggest(trial, setup.space)
         args = [*setup.fit_args(point), "--experiment_name", setup.experiment,
                 "--run_name", f"trial-{trial.number}"]  # fmt: skip
-        built = builder.build(args)
-        built.point, built.optuna = point, trial
-        why = stacked.refusal(built)
+        try:
+            built = builder.build(args)
+            built.point, built.optuna = point, trial
+            why = stacked.refusal(built)
+        except Exception as err:  # noqa: BLE001 - its own fit says what is wrong
+            why = f"it cannot be built: {(str(err).strip().splitlines() or [''])[0][:200]}"
         if why is not None:
             say(f"trial {trial.number} cannot be stacked ({why}); it trains alone")
             alone.append(trial)
@@ -91,7 +89,18 @@ def run_batch(
         key = json.dumps(stacked.stack_key(built), sort_keys=True, default=str)
         groups.setdefault(key, []).append(built)
     for group in groups.values():
-        keep_best(study, kept, train_stack(search, study, group))
+        try:
+            fit = stacked.StackedFit(group)
+        except ValueError as err:  # e.g. a buffer that differs between the trials
+            say(f"trials {', '.join(str(b.optuna.number) for b in group)} cannot be stacked "
+                f"({err}); they train alone")  # fmt: skip
+            alone += [built.optuna for built in group]
+            continue
+        written = train_stack(search, study, group, fit)
+        run_id = best_run(study)
+        if run_id in written:
+            kept.clear()
+            kept[run_id] = written[run_id]
     for trial in alone:
         try:
             value = search.objective(trial)
@@ -103,9 +112,8 @@ def run_batch(
             study.tell(trial, value)
 
 
-def train_stack(search: Search, study: optuna.Study, group: list) -> dict[str, tuple]:
+def train_stack(search: Search, study: optuna.Study, group: list, fit) -> dict[str, tuple]:
     """Train one stack, write and tell each trial; their trials and records by run id."""
-    from mlplab.speed.stacked import StackedFit
     from mlplab.tracking import trial_runs
     from mlplab.tracking.logger import dataset_inputs
     from mlplab.tracking.store import ensure_experiment
@@ -134,40 +142,49 @@ def train_stack(search: Search, study: optuna.Study, group: list) -> dict[str, t
                 pruned.append(position)
         return pruned
 
-    records = StackedFit(group).run(on_validation=report)
+    records = fit.run(on_validation=report)
     client = search.client
     experiment_id = ensure_experiment(client, setup.experiment, search.uri)
     inputs = dataset_inputs(group[0].datamodule)
     names = [f"trial-{n}" for n in numbers]
-    written = {}
+    stack = f"{search.study_name}-{numbers[0]}"
+    written, unvalidated = {}, None
     for built, record, name in zip(group, records, names, strict=True):
         trial = built.optuna
         value = values.get(id(built))
-        extra = {}
+        extra, status = {}, "FINISHED"  # a trial whose metric is not finite: its fit finished
         if record.pruned:
             state, status = TrialState.PRUNED, "KILLED"
             extra["mlplab.failure"] = why[id(built)]
-        elif value is None or not math.isfinite(value):
+        elif record.failure:
             state, status = TrialState.FAIL, "FAILED"
-            reason = ("the fit ran no validation, so there is no val/ metric to compare"
-                      if value is None else f"{setup.metric} is {value}")  # fmt: skip
-            trial.set_user_attr("mlplab.error", reason)
+            extra["mlplab.failure"] = record.failure
+            trial.set_user_attr("mlplab.error", record.failure)
+        elif value is None:
+            state = TrialState.FAIL
+            unvalidated = "the fit ran no validation, so there is no val/ metric to compare"
+            trial.set_user_attr("mlplab.error", unvalidated)
+        elif not math.isfinite(value):
+            state = TrialState.FAIL
+            trial.set_user_attr("mlplab.error", f"{setup.metric} is {value}")
         else:
-            state, status = TrialState.COMPLETE, "FINISHED"
+            state = TrialState.COMPLETE
         tags = {"mlflow.parentRunId": search.parent, "optuna.study": search.study_name,
                 "optuna.trial": str(trial.number), "optuna.state": state.name,
-                "mlplab.stack.mates": ", ".join(n for n in names if n != name)[:5000],
+                STACK_TAG: stack, MATES_TAG: ", ".join(n for n in names if n != name)[:5000],
                 **extra}  # fmt: skip
         run_id = trial_runs.write(client, experiment_id, built, record, name, tags, inputs,
                                   status=status)  # fmt: skip
         trial.set_user_attr("mlflow.run_id", run_id)
         trial.set_user_attr("mlplab.epochs", record.epochs)
-        outcome = {TrialState.COMPLETE: f"{setup.metric} {value:.4f}" if value is not None else "",
-                   TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[state]  # fmt: skip
         if state == TrialState.COMPLETE:
             study.tell(trial, value)
+            outcome = f"{setup.metric} {value:.4f}"
         else:
             study.tell(trial, state=state)
+            outcome = {TrialState.PRUNED: "pruned"}.get(state, "failed")
         say(f"trial {trial.number}: {outcome} after {record.epochs} epochs (stacked)")
         written[run_id] = (built, record)
+    if unvalidated is not None:  # every trial would fail alike, as in a search of fits
+        raise UserError(f"{unvalidated}; the data needs a validation split")
     return written

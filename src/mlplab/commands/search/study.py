@@ -346,11 +346,10 @@ class Search:
             say(f"study {self.study_name} has {done} results of {self.setup.n_trials}")
             return
         say(f"study {self.study_name}: {done} of {self.setup.n_trials} trials done before")
-        if self.setup.stack:
-            from mlplab.commands.search import stacked
+        self.run_trials(study)
 
-            stacked.optimize(self, study, self.setup.stack)
-            return
+    def run_trials(self, study: optuna.Study) -> None:
+        """Trials until the study has `n_trials` results (`StackedSearch`: N at a time)."""
         study.optimize(
             self.objective,
             timeout=self.setup.timeout,
