@@ -1,5 +1,5 @@
 """A stacked fit: trials of one architecture trained together as one model, in one process
-(`mlplab sweep --stack N`).
+(`mlplab sweep --stack N`, `mlplab search --stack N`).
 
 Each trial is built as `mlplab fit` builds it (its config parsed, its seed set, its datamodule
 and module made), so it starts from its own run's weights. Its batches come in its own run's
@@ -12,14 +12,15 @@ rounding.
 
 What a stacked fit keeps of a Lightning fit: `trainer.max_epochs`, `check_val_every_n_epoch`,
 the checkpoint's monitor and mode (each trial is tested with its best weights, at their step,
-as a fit tests its best checkpoint) and the module's own loss, metrics and optimiser. A trial
-whose config asks for more (a scheduler, gradient clipping, a callback of Lightning's that acts
-during training, a resumed checkpoint, ...) cannot be stacked: `refusal` says why and the trial
-trains alone. Per-epoch training metrics are kept at the epochs that validate (and the last):
-every epoch for most configs, one in a hundred for the XOR nets, whose 3,000 epochs x 100 trials
-of per-epoch rows would take the store longer than the training.
+as a fit tests its best checkpoint), the divergence check (a diverging trial leaves the stack
+failed) and the module's own loss, metrics and optimiser. A trial whose config asks for more (a
+scheduler, gradient clipping, other checkpoint settings, a callback of Lightning's that acts
+during training, ...) cannot be stacked: `refusal` says why and the trial trains alone.
+Per-epoch training metrics are kept at the epochs that validate (and the last): every epoch for
+most configs, one in a hundred for the XOR nets, whose 3,000 epochs x 100 trials of per-epoch
+rows would take the store longer than the training.
 
-A module stacks when it offers the `Stackable` methods (mlplab's tasks do).
+A module stacks when it offers the `Stackable` methods (the template's tasks do).
 """
 
 from __future__ import annotations
