@@ -161,8 +161,58 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
     assert "figures/final.png" in [a.path for a in client.list_artifacts(parent.info.run_id,
                                                                          "figures")]  # fmt: skip
 
+    # its checkpoints are the fit's: `last.ckpt` (loops, optimiser, callbacks) and the best
+    folder = tmp_path / "mlruns" / "moons"
+    saved = [a.path for a in client.list_artifacts(stacked.info.run_id, "checkpoints")]
+    assert saved == ["checkpoints/best-epoch=1.ckpt", "checkpoints/last.ckpt"]
+    for name in ("best-epoch=1.ckpt", "last.ckpt"):
+        ours = torch.load(folder / stacked.info.run_id / "checkpoints" / name)
+        theirs = torch.load(folder / own.info.run_id / "checkpoints" / name)
+        assert_same_checkpoint(ours, theirs)
+        assert ours["mlflow_run_id"] == stacked.info.run_id
+    # and the stacked child resumes alone, as the fit's own resumes
+    for run in (stacked, own):
+        last = folder / run.info.run_id / "checkpoints" / "last.ckpt"
+        resumed = cli.run(["fit", "--config", config("moons"), "--seed_everything=2",
+                           "--model.lr=0.01", "--trainer.max_epochs=3",
+                           "--log_system_metrics=false", "--ckpt_path", str(last)], tmp_path, env)
+        assert resumed.code == 0, resumed.stderr[-2000:]
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    ours, theirs = ({m.step: m.value for m in client.get_metric_history(r.info.run_id, "val/loss")}
+                    for r in (stacked, own))  # fmt: skip
+    assert ours.keys() == theirs.keys() == {13, 26, 39}
+    assert all(abs(ours[s] - theirs[s]) < 1e-5 for s in ours)
+
     again = cli.run(sweep, tmp_path, env)
     assert again.code == 0 and any("0 to run, 4 finished before" in s for s in again.said)
+
+
+def assert_same_checkpoint(ours: dict, theirs: dict, path: str = "") -> None:
+    """Two fits' checkpoints hold the same keys, counters and settings, and tensors equal to
+    float32 rounding; the run's own folder and id aside."""
+    if isinstance(ours, dict):
+        assert isinstance(theirs, dict), path
+        if path.endswith("best_k_models"):
+            ours, theirs = list(ours.values()), list(theirs.values())
+        else:
+            assert ours.keys() == theirs.keys(), path
+            for key in ours:
+                if key not in ("mlflow_run_id", "dirpath", "mlplab_config"):
+                    assert_same_checkpoint(ours[key], theirs[key], f"{path}/{key}")
+            return
+    if isinstance(ours, (list, tuple)):
+        assert len(ours) == len(theirs), path
+        for i, (one, other) in enumerate(zip(ours, theirs, strict=True)):
+            assert_same_checkpoint(one, other, f"{path}/{i}")
+    elif isinstance(ours, torch.Tensor):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, path
+        assert torch.allclose(ours.float(), theirs.float(), atol=1e-5), path
+    elif isinstance(ours, float):
+        assert abs(ours - theirs) < 1e-5, path
+    elif isinstance(ours, str) and "/checkpoints/" in ours:
+        assert ours.rsplit("/", 1)[1] == theirs.rsplit("/", 1)[1], path
+    else:
+        assert ours == theirs, path
 
 
 def test_points_that_cannot_share_a_stack_train_apart_and_say_why(cli, tmp_path):
@@ -230,6 +280,9 @@ def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
         assert "pruned by Optuna" in run.data.tags["mlplab.failure"]
         assert run.data.metrics["epoch"] < 7 and "test/acc" not in run.data.metrics
     assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in complete)
+    for run in complete:  # each resumes alone from its own latest checkpoint
+        last = tmp_path / "mlruns" / "moons" / run.info.run_id / "checkpoints" / "last.ckpt"
+        assert torch.load(last)["epoch"] == run.data.metrics["epoch"]
     assert any(f"6 trials ({len(complete)} complete, {len(pruned)} pruned" in line
                for line in done.said)  # fmt: skip
     best = client.get_run(parent_of(client, experiment)).data.tags["mlplab.best_child"]
@@ -295,6 +348,9 @@ def test_checkpoint_settings_a_stack_cannot_keep_are_refused():
         "trainer.enable_checkpointing False is not kept by a stack"
     )
     assert why("--checkpoint.save_top_k=3") == "checkpoint.save_top_k 3 is not kept by a stack"
+    assert why("--checkpoint.dirpath=shared") == (  # one folder for every trial's files
+        "checkpoint.dirpath shared is not kept by a stack"
+    )
     assert why("--checkpoint.monitor=train/loss") == (
         "checkpoint.monitor train/loss: a stack keeps the best by val/loss, val/acc"
     )

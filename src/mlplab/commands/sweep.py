@@ -271,7 +271,7 @@ class Sweep:
             if record.failure:
                 tags["mlplab.failure"], status = record.failure, "FAILED"
             run_id = trial_runs.write(self.client, experiment_id, trial, record, name, tags,
-                                      inputs, status=status)  # fmt: skip
+                                      inputs, status, self.experiment, self.uri)  # fmt: skip
             said = "done" if not record.failure else f"FAILED\n  {record.failure}"
             print(f"mlplab: sweep child {name}: {said} (stacked, {len(trials)} trials)",
                   file=sys.stderr)  # fmt: skip

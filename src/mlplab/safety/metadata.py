@@ -33,15 +33,22 @@ class CheckpointMetadata(Callback):
     checkpoint, with the hyper-parameters as plain data."""
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint) -> None:
-        if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = trust.plain_hyperparameters(
-                checkpoint["hyper_parameters"], type(pl_module)
-            )
-        checkpoint[TASK] = f"{type(pl_module).__module__}.{type(pl_module).__qualname__}"
-        checkpoint[OUTPUTS] = described_outputs(trainer.datamodule, pl_module)
         logger = trainer.logger
-        if isinstance(logger, MLFlowLogger) and logger.run_id is not None:
-            checkpoint[RUN_ID] = logger.run_id
+        run_id = logger.run_id if isinstance(logger, MLFlowLogger) else None
+        write_fit(checkpoint, pl_module, trainer.datamodule, run_id)
+
+
+def write_fit(checkpoint: dict, module: LightningModule, datamodule, run_id: str | None) -> None:
+    """The module's class, its outputs' names and the run a resumed fit continues; the
+    hyper-parameters Lightning put in as plain data."""
+    if "hyper_parameters" in checkpoint:
+        checkpoint["hyper_parameters"] = trust.plain_hyperparameters(
+            checkpoint["hyper_parameters"], type(module)
+        )
+    checkpoint[TASK] = f"{type(module).__module__}.{type(module).__qualname__}"
+    checkpoint[OUTPUTS] = described_outputs(datamodule, module)
+    if run_id is not None:
+        checkpoint[RUN_ID] = run_id
 
 
 def described_outputs(datamodule, task=None) -> dict:

@@ -135,6 +135,11 @@ class StackedOptimizer:
         self.settings = [self.settings[i] for i in positions]
         self.state = [{k: rows(v, index) for k, v in state.items()} for state in self.state]
 
+    def trial(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Trial `i`'s optimiser state, by weight name (what `Stack.trial` is to weights)."""
+        return {name: {key: value[i].detach().clone() for key, value in state.items()}
+                for name, state in zip(self.stack.names, self.state, strict=True)}  # fmt: skip
+
     def value(self, key: str, like: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """Each trial's setting `key` (element `index` of a tuple) shaped to broadcast over
         a stacked parameter like `like`."""

@@ -49,7 +49,7 @@ TRAINER_KEPT = ("max_epochs", "check_val_every_n_epoch", "enable_progress_bar", 
                 "log_every_n_steps", "accelerator", "devices", "deterministic",
                 "benchmark")  # fmt: skip
 # checkpoint settings a stacked fit keeps (what it tests: the best weights by monitor and mode)
-CHECKPOINT_KEPT = ("monitor", "mode", "filename", "save_last", "dirpath", "verbose")
+CHECKPOINT_KEPT = ("monitor", "mode", "filename", "save_last", "verbose")
 # Lightning's callbacks that only report: skipped without changing what a trial computes
 REPORTING = ("ModelSummary", "RichModelSummary", "TQDMProgressBar", "RichProgressBar",
              "LearningRateMonitor", "DeviceStatsMonitor", "Timer")  # fmt: skip
@@ -99,6 +99,13 @@ class Record:
     epochs: int = 0  # trained
     pruned: bool = False  # left the stack at a validation (`StackedFit.run`'s `on_validation`)
     failure: str | None = None  # why it left the stack failed (its training diverged)
+    # what its checkpoints hold beside weights (`mlplab.speed.stacked_checkpoints`)
+    state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # the optimiser's
+    best_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # with weights
+    monitor: str | None = None  # the metric its best weights were chosen by, once validated
+    best_value: float | None = None
+    current_value: float | None = None  # the monitor's at the latest validation
+    initial: float | None = None  # its first batch's loss (the divergence check's scale)
 
 
 def build(args: list[str]) -> Trial:
@@ -446,12 +453,15 @@ class StackedFit:
                 for i, values in enumerate(found):
                     current[i].metrics.append(("epoch", float(epoch), step))  # as a fit's
                     value = values.get(self.monitor)
+                    if value is not None:
+                        current[i].monitor, current[i].current_value = self.monitor, value
                     if value is not None and math.isfinite(value) and (best[i] is None or (
                         value < best[i] if self.mode == "min" else value > best[i]
                     )):  # fmt: skip
-                        best[i] = value
+                        best[i] = current[i].best_value = value
                         current[i].best_step, current[i].best_epoch = step, epoch
                         current[i].weights = self.stack.trial(i)
+                        current[i].best_state = self.optimizer.trial(i)
                 if on_validation is not None:
                     leaving.update(dict.fromkeys(on_validation(self.trials, found, epoch), ""))
             for i, loss in enumerate((total / n).tolist()):
@@ -460,7 +470,7 @@ class StackedFit:
             if leaving:
                 for i, reason in leaving.items():
                     current[i].pruned, current[i].failure = not reason, reason or None
-                    current[i].last = self.stack.trial(i)
+                    self.leave(current[i], i, initial)
                 stay = [i for i in range(len(self.trials)) if i not in leaving]
                 if not stay:
                     return records
@@ -472,9 +482,9 @@ class StackedFit:
             if keep:
                 self.train_metrics(current, outputs, total / n, step, epoch)
         for i, record in enumerate(current):
-            record.last = self.stack.trial(i)
+            self.leave(record, i, initial)
             if not record.weights:  # no validation: the last weights, as the latest checkpoint
-                record.weights = self.stack.trial(i)
+                record.weights, record.best_state = record.last, record.state
                 record.best_step, record.best_epoch = step, self.max_epochs - 1
         if self.test_after:
             tested = {name: torch.stack([r.weights[name] for r in current])
@@ -483,6 +493,12 @@ class StackedFit:
             for record, values in zip(current, found, strict=True):
                 record.metrics += [(k, v, record.best_step) for k, v in values.items()]
         return records
+
+    def leave(self, record: Record, position: int, initial: torch.Tensor | None) -> None:
+        """What trial `position` ends with: its last weights and optimiser state."""
+        record.last = self.stack.trial(position)
+        record.state = self.optimizer.trial(position)
+        record.initial = float(initial[position]) if initial is not None else None
 
     def diverged(self, loss: float, initial: float, position: int) -> str:
         """Why trial `position`'s training diverged this epoch ("" if it did not), worded as

@@ -18,15 +18,18 @@ PARAMS_PER_WRITE = 100
 
 def write(
     client, experiment_id: str, trial, record, name: str, tags: dict, inputs=(),
-    status: str = "FINISHED",
+    status: str = "FINISHED", experiment: str = "", uri: str = "",
 ) -> str:
     """The run of `trial` (a `mlplab.speed.stacked.Trial`) with its `record`, ended with
-    `status` (a pruned search trial's is KILLED); its id."""
+    `status` (a pruned search trial's is KILLED); its id. With the `experiment`'s name and the
+    store's `uri`, a trial that did not fail gets its checkpoints (`log_checkpoints`)."""
     configs = [str(path) for path in trial.config.get("config") or []]
     tags = {**provenance.tags("fit", trial.args, configs), "mlplab.command": "fit", **tags}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     try:
         fill(client, run_id, trial, record, inputs)
+        if experiment and not record.failure and record.epochs:
+            log_checkpoints(client, run_id, trial, record, experiment, uri)
     except BaseException as err:  # never left RUNNING
         client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
@@ -48,12 +51,27 @@ def fill(client, run_id: str, trial, record, inputs) -> None:
         client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_WRITE])
     if inputs:
         client.log_inputs(run_id, datasets=list(inputs))
+    client.log_text(run_id, config_text(trial), "config.yaml")
+
+
+def config_text(trial) -> str:
+    """The trial's config as its fit saves it (a password in the store's URI left out)."""
     config = trial.config.clone()
     if config.get("tracking_uri"):
         config.tracking_uri = redact_uri(config.tracking_uri)
     # checked when it was parsed: jsonargparse's validation is most of a dump's 0.2 s
-    text = trial.parser.dump(config, skip_none=False, skip_validation=True)
-    client.log_text(run_id, text, "config.yaml")
+    return trial.parser.dump(config, skip_none=False, skip_validation=True)
+
+
+def log_checkpoints(client, run_id: str, trial, record, experiment: str, uri: str) -> None:
+    """The trial's `last.ckpt` (it resumes alone) and best weights' checkpoint, in the run's
+    folder and among its artifacts (`checkpoints/`), as a fit keeps them."""
+    from mlplab.speed import stacked_checkpoints
+    from mlplab.tracking.store import experiment_dir
+
+    directory = experiment_dir(experiment, uri) / run_id / "checkpoints"
+    for path in stacked_checkpoints.write(trial, record, run_id, directory, config_text(trial)):
+        client.log_artifact(run_id, str(path), "checkpoints")
 
 
 def log_model(run_id: str, trial, record, experiment: str, uri: str) -> str | None:

@@ -174,7 +174,7 @@ def train_stack(search: Search, study: optuna.Study, group: list, fit) -> dict[s
                 STACK_TAG: stack, MATES_TAG: ", ".join(n for n in names if n != name)[:5000],
                 **extra}  # fmt: skip
         run_id = trial_runs.write(client, experiment_id, built, record, name, tags, inputs,
-                                  status=status)  # fmt: skip
+                                  status, setup.experiment, search.uri)  # fmt: skip
         trial.set_user_attr("mlflow.run_id", run_id)
         trial.set_user_attr("mlplab.epochs", record.epochs)
         if state == TrialState.COMPLETE:
