@@ -91,7 +91,8 @@ def mnist(data_dir: str, size: int = 8, accelerator: str = "cpu") -> tuple[str, 
 
 
 def writes(folder: Path) -> tuple[str, float, float, float]:
-    """100 XOR trials built, trained as one stack and written as child runs: the seconds a
+    """100 XOR trials built, trained as one stack and written as child runs (params, metrics,
+    datasets, config, checkpoints): the seconds a
     trial costs each phase (printed), and the writes against the training."""
     sys.path.insert(0, str(ROOT / "src"))
     from mlflow.tracking import MlflowClient
@@ -115,7 +116,8 @@ def writes(folder: Path) -> tuple[str, float, float, float]:
     inputs = dataset_inputs(trials[0].datamodule)
     opened = time.perf_counter()
     for i, (trial, record) in enumerate(zip(trials, records, strict=True)):
-        trial_runs.write(client, experiment, trial, record, f"seed {i}", {}, inputs)
+        trial_runs.write(client, experiment, trial, record, f"seed {i}", {}, inputs,
+                         "FINISHED", "xor_relu", uri)  # with its checkpoints, as a sweep's
     written = time.perf_counter()
     values = sum(len(r.metrics) for r in records)
     print(f"writes: build {(built - start) * 10:.0f} ms a trial, train {trained - built:.1f} s "

@@ -90,20 +90,21 @@ def batch_counts(datamodule) -> tuple[int, int, int, bool]:
     return batches("train", per), steps, batches("val", per), chunked
 
 
-def optimizer_state(module, weights: dict, state: dict, steps: int) -> dict:
-    """The trial's optimiser as its own fit saves it: the module's `configure_optimizers` over
-    the trial's weights, its state per parameter taken from the stack's (`state`: name ->
+def optimizer_state(module, state: dict, steps: int) -> dict:
+    """The trial's optimiser as its own fit saves it: the module's `configure_optimizers`'s
+    class and settings, its state per parameter taken from the stack's (`state`: name ->
     tensors), `step` where torch.optim counts one. What torch keeps and in which form (a
-    momentum buffer of None at momentum 0, a float step) is read from one step of the real
-    optimiser on a copy."""
-    copied = copy.deepcopy(module)
-    copied.load_state_dict({**copied.state_dict(), **weights})
-    optimizer = copied.configure_optimizers()
-    for parameter in copied.parameters():
-        parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
-    names = [name for name, _ in copied.named_parameters()]
-    saved = optimizer.state_dict()
+    momentum buffer of None at momentum 0, a float step) is read from one step of that
+    optimiser over copies of the parameters."""
+    real = module.configure_optimizers()
+    group = {key: value for key, value in real.param_groups[0].items() if key != "params"}
+    copies = [torch.zeros_like(p, requires_grad=True) for p in module.parameters()]
+    template = type(real)(copies, **group)
+    for copied in copies:
+        copied.grad = torch.zeros_like(copied)
+    template.step()
+    names = [name for name, _ in module.named_parameters()]
+    saved = template.state_dict()
     for index, name in zip(saved["param_groups"][0]["params"], names, strict=True):
         own = saved["state"].get(index, {})
         saved["state"][index] = {
@@ -153,7 +154,7 @@ def write(trial, record, run_id: str, directory: Path, config_text: str) -> list
             "loops": loops(epochs, batches, steps, val_batches, chunked),
             "callbacks": {callback.state_key: callback.state_dict(),
                           divergence.state_key: divergence.state_dict()},
-            "optimizer_states": [optimizer_state(module, weights, state, epochs * steps)],
+            "optimizer_states": [optimizer_state(module, state, epochs * steps)],
             "lr_schedulers": [],
         }  # fmt: skip
         for owner in (module, datamodule):

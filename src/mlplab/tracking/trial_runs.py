@@ -27,9 +27,10 @@ def write(
     tags = {**provenance.tags("fit", trial.args, configs), "mlplab.command": "fit", **tags}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     try:
-        fill(client, run_id, trial, record, inputs)
+        text = config_text(trial)
+        fill(client, run_id, trial, record, inputs, text)
         if experiment and not record.failure and record.epochs:
-            log_checkpoints(client, run_id, trial, record, experiment, uri)
+            log_checkpoints(client, run_id, trial, record, experiment, uri, text)
     except BaseException as err:  # never left RUNNING
         client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
@@ -37,8 +38,8 @@ def write(
     return run_id
 
 
-def fill(client, run_id: str, trial, record, inputs) -> None:
-    """The run's params, metrics, datasets and config."""
+def fill(client, run_id: str, trial, record, inputs, text: str) -> None:
+    """The run's params, metrics, datasets and config (`text`, its dump)."""
     params, _ = run_params(trial.parser, trial.config, given_settings(trial.args))
     params.update({"trainer.world_size": 1, "trainer.nodes_used": 1, **shapes(trial.datamodule)})
     listed = [Param(k, str(v)[:250]) for k, v in params.items()]  # as Lightning's logger cuts
@@ -51,7 +52,7 @@ def fill(client, run_id: str, trial, record, inputs) -> None:
         client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_WRITE])
     if inputs:
         client.log_inputs(run_id, datasets=list(inputs))
-    client.log_text(run_id, config_text(trial), "config.yaml")
+    client.log_text(run_id, text, "config.yaml")
 
 
 def config_text(trial) -> str:
@@ -63,14 +64,16 @@ def config_text(trial) -> str:
     return trial.parser.dump(config, skip_none=False, skip_validation=True)
 
 
-def log_checkpoints(client, run_id: str, trial, record, experiment: str, uri: str) -> None:
+def log_checkpoints(
+    client, run_id: str, trial, record, experiment: str, uri: str, text: str
+) -> None:
     """The trial's `last.ckpt` (it resumes alone) and best weights' checkpoint, in the run's
     folder and among its artifacts (`checkpoints/`), as a fit keeps them."""
     from mlplab.speed import stacked_checkpoints
     from mlplab.tracking.store import experiment_dir
 
     directory = experiment_dir(experiment, uri) / run_id / "checkpoints"
-    for path in stacked_checkpoints.write(trial, record, run_id, directory, config_text(trial)):
+    for path in stacked_checkpoints.write(trial, record, run_id, directory, text):
         client.log_artifact(run_id, str(path), "checkpoints")
 
 
