@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, config
 
@@ -51,7 +52,12 @@ def files(folder: Path) -> dict[str, Path]:
     np.save(folder / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (folder / "dbfolder" / "mlflow.db").mkdir(parents=True)
     paths = {Path(name).stem: folder / name for name in [*made, "objects.npy"]}
-    return {**paths, "dir": folder, "best": next((folder / "mlruns").rglob("best-*.ckpt"))}
+    best = next((folder / "mlruns").rglob("best-*.ckpt"))
+    saved = torch.load(best)  # as `--checkpoint.save_weights_only true` writes it
+    for key in ("optimizer_states", "lr_schedulers", "callbacks"):
+        del saved[key]
+    torch.save(saved, folder / "weights.ckpt")
+    return {**paths, "dir": folder, "best": best, "weights": folder / "weights.ckpt"}
 
 
 # id -> (the command line, {name} a file of the case's folder; what its one line says)
@@ -85,6 +91,7 @@ CASES = {
     "text checkpoint": ("{fit} --ckpt_path {text}", "text.ckpt is not a readable checkpoint"),
     "cuda graph on cpu": ("{fit} --fast_path.cuda_graph true", "fast_path.cuda_graph: it needs a CUDA device and this run trains on cpu (or set it false)"),
     "cuda graph, single batches": ("{fit} --fast_path.cuda_graph true --data.chunk 1", "this run trains on cpu; it replays over the fast path's chunks: set data.chunk above 1"),
+    "resume weights only": ("{fit} --ckpt_path {weights}", "weights.ckpt holds weights only (checkpoint.save_weights_only), not the state a fit resumes from"),
     "xor checkpoint into iris": ("fit --config {iris} --ckpt_path {best}", "belongs to another model (net.1.weight"),
     # fit: config files
     "missing config": ("fit --config {dir}/nope.yaml", "config: File does not exist:"),

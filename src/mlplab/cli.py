@@ -23,7 +23,7 @@ from mlplab.errors import UserError, parse_cause, say_mistake
 from mlplab.safety import interrupts, metadata
 from mlplab.safety.checkpoints import Checkpoint, latest_checkpoint
 from mlplab.safety.divergence import Divergence
-from mlplab.safety.resume import check_fits, resolve_resume, slurm_root_dir
+from mlplab.safety.resume import check_fits, check_resumable, resolve_resume, slurm_root_dir
 from mlplab.safety.slurm import SLURMRequeue
 from mlplab.safety.trust import read_checkpoint, resolve_class, trust_checkpoints
 from mlplab.speed.fast_path import FastPath
@@ -405,6 +405,8 @@ class MLPLabCLI(LightningCLI):
         config.ckpt_path = init.ckpt_path = ckpt_path
         if checkpoint is not None:
             check_fits(checkpoint, self.model)
+            if self.subcommand == "fit":
+                check_resumable(checkpoint)
         return checkpoint
 
     def resumed_run(self, checkpoint: Path | None) -> str | None:

@@ -37,6 +37,17 @@ def check_fits(path: str | Path, model: torch.nn.Module) -> None:
         )
 
 
+def check_resumable(path: str | Path) -> None:
+    """A fit resumes from a checkpoint with its optimiser's state, or one line says so
+    (Lightning raises a KeyError deep in its restore)."""
+    if "optimizer_states" not in read_checkpoint(path):
+        raise UserError(
+            f"checkpoint {path} holds weights only (checkpoint.save_weights_only), not the "
+            "state a fit resumes from; resume from a full one (last.ckpt), or test or predict "
+            "with this one"
+        )
+
+
 def newest_last_checkpoint(experiment_dir: Path) -> Path:
     """`--ckpt_path last`: the most recently written `last.ckpt` of the experiment's runs."""
     candidates = list(experiment_dir.glob("*/checkpoints/last.ckpt"))
