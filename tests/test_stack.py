@@ -79,12 +79,25 @@ def test_per_trial_inputs_and_what_cannot_be_stacked():
     torch.testing.assert_close(out[1], net(1)(x[1]))
     with pytest.raises(ValueError, match="trial 1 is another architecture than trial 0: 0.bias"):
         Stack([net(0), net(1, hidden=9)])
-    with pytest.raises(ValueError, match="Dropout cannot be stacked exactly"):
-        Stack([nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5))] * 2)
-    with pytest.raises(ValueError, match="BatchNorm1d cannot be stacked exactly"):
+    with pytest.raises(ValueError, match="BatchNorm1d cannot be stacked .running statistics"):
         Stack([nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))] * 2)
     with pytest.raises(ValueError, match="nesterov differs within the stack"):
         StackedOptimizer(stack, "torch.optim.SGD", [{"momentum": 0.9, "nesterov": True},
                                                     {"momentum": 0.9}])  # fmt: skip
     with pytest.raises(ValueError, match="torch.optim.LBFGS cannot be stacked"):
         StackedOptimizer(stack, "torch.optim.LBFGS", [{}, {}])
+
+
+def test_dropout_draws_each_trials_masks_and_is_off_in_eval():
+    same = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5))
+    stack = Stack([same, same])
+    assert stack.random
+    x = torch.randn(5, 4)
+    torch.manual_seed(0)
+    out = stack(x)
+    zeros = out == 0
+    assert zeros.float().mean().item() == pytest.approx(0.5, abs=0.1)  # masks drawn
+    assert not torch.equal(zeros[0], zeros[1])  # each trial its own
+    same.eval()  # the base network's mode rules the stack's (`functional_call`)
+    torch.testing.assert_close(stack(x)[1], same(x))
+

@@ -240,6 +240,10 @@ class Sweep:
         if skipped:
             print(f"mlplab: sweep: stacked children run without the config's callbacks "
                   f"({', '.join(skipped)})", file=sys.stderr)  # fmt: skip
+        masked = sum(map(stacked.draws_masks, trials))
+        if masked:
+            print(f"mlplab: sweep: {masked} stacked points have dropout; {stacked.MASKS}",
+                  file=sys.stderr)  # fmt: skip
         for group in groups.values():
             stacked.check_memory(group[0], min(size, len(group)))
         return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)], alone

@@ -9,9 +9,12 @@ for term, so a stacked trial's weights equal its own run's to float32 rounding.
     loss = per_trial_losses(stack(x), y).sum()  # trials are independent: each gets its gradient
     loss.backward(); optimizer.step(); optimizer.zero_grad()
 
-Exact only for networks without running statistics or random layers: batch norm's statistics
-and dropout's masks are refused (their per-trial streams cannot match an unstacked run's).
-Other buffers (a fixed input standardisation) are shared: the first network's serve all.
+Exact for networks without running statistics or random layers. Batch norm's running
+statistics are refused. Dropout is stacked, each trial with masks of its own drawn from the
+stack's one random stream (vmap's `randomness="different"`): not the masks its own run would
+draw, so such a trial ends as its run would in distribution, not to float32 rounding
+(`Stack.random` says so). Other buffers (a fixed input standardisation) are shared: the first
+network's serve all.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ DEFAULTS = {
 }  # fmt: skip
 # settings that change the update's form, not its numbers: one value for the whole stack
 SHARED = ("nesterov", "centered")
-# layers that draw a random mask each step: a stacked trial's masks are not its own run's
+# layers that draw a random mask each step: a stacked trial's masks are its own, not its run's
 RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
           nn.FeatureAlphaDropout)  # fmt: skip
 
@@ -66,11 +69,14 @@ class Stack(nn.Module):
                 raise ValueError(f"trial {i} is another architecture than trial 0: "
                                  f"{', '.join(name for name, _ in differ)}")  # fmt: skip
         for module in modules[0].modules():
-            if getattr(module, "track_running_stats", False) or isinstance(module, RANDOM):
+            if getattr(module, "track_running_stats", False):
                 raise ValueError(
-                    f"{type(module).__name__} cannot be stacked exactly (running statistics "
-                    "or random masks per trial); train these trials one by one"
+                    f"{type(module).__name__} cannot be stacked (running statistics per "
+                    "trial); train these trials one by one"
                 )
+        # dropout: each trial's masks its own, drawn from one stream (not its run's)
+        self.random = any(isinstance(m, RANDOM) for m in modules[0].modules())
+        self.randomness = "different" if self.random else "error"
         params, _ = stack_module_state(list(modules))
         self.names = list(params)
         self.weights = nn.ParameterList(nn.Parameter(params[name]) for name in self.names)
@@ -82,7 +88,7 @@ class Stack(nn.Module):
             return functional_call(self.bases[0], weights, (inputs,))
 
         shared = x.dim() < 3 or x.shape[0] != self.size
-        return vmap(one, in_dims=(0, None if shared else 0))(
+        return vmap(one, in_dims=(0, None if shared else 0), randomness=self.randomness)(
             dict(zip(self.names, self.weights, strict=True)), x
         )
 

@@ -8,7 +8,7 @@ replays the draws a fit's data loaders make from that stream (each training epoc
 draws a base seed, then its sampler's seed; each validation's loader a base seed; Lightning's
 sanity check isolates its own). The networks run as one `Stack`, each with its own optimiser
 settings (`StackedOptimizer`), so every trial's weights and metrics are its own run's to float32
-rounding.
+rounding; with dropout, in distribution only (`MASKS`).
 
 What a stacked fit keeps of a Lightning fit: `trainer.max_epochs`, `check_val_every_n_epoch`,
 the checkpoint's monitor and mode (each trial is tested with its best weights, at their step,
@@ -36,7 +36,7 @@ from lightning.pytorch import LightningModule
 from torch.func import functional_call, vmap
 
 from mlplab.direction import better
-from mlplab.speed.stack import DEFAULTS, SHARED, Stack, StackedOptimizer
+from mlplab.speed.stack import DEFAULTS, RANDOM, SHARED, Stack, StackedOptimizer
 
 # settings that may differ between the trials of one stack (beside an optimiser's own)
 PER_TRIAL = ("seed_everything", "model.init_args.lr")
@@ -249,6 +249,15 @@ def refusal(trial: Trial) -> str | None:
     return None
 
 
+# what a stack says of trials whose networks draw random masks (`Stack.random`)
+MASKS = ("dropout draws each trial's masks from its stack's random stream, not from its own run's: "
+         "it ends as its fit would in distribution, not to float32 rounding")  # fmt: skip
+
+
+def draws_masks(trial: Trial) -> bool:
+    return any(isinstance(m, RANDOM) for m in trial.module.modules())
+
+
 # optimiser state per weight, at most (RMSprop: square average, gradient average, momentum)
 STATE = {"SGD": 1, "Adam": 2, "AdamW": 2, "RMSprop": 3, "Adagrad": 1}
 FLOAT = 4  # bytes
@@ -371,9 +380,8 @@ class StackedFit:
             return module.loss(logits, y, module.sample_weights(y, w, stage)), logits
 
         shared = None if x.dim() == self.data["train"][0].dim() else 0
-        return vmap(one, in_dims=(0, shared, shared, shared if w is not None else None))(
-            weights, x, y, w
-        )
+        in_dims = (0, shared, shared, shared if w is not None else None)
+        return vmap(one, in_dims=in_dims, randomness=self.stack.randomness)(weights, x, y, w)
 
     def order(self, n: int, batch: int) -> torch.Tensor | None:
         """Each trial's sample order for this epoch, as its own loader draws it (None: one
@@ -389,8 +397,12 @@ class StackedFit:
 
     def evaluate(self, split: str, weights, step: int, record: list[Record], prefix: str):
         x, y, *w = self.data[split]
-        with torch.no_grad():
-            losses, logits = self.losses(weights, x, y, w[0] if w else None, split)
+        self.module.eval()  # dropout off, as Lightning evaluates
+        try:
+            with torch.no_grad():
+                losses, logits = self.losses(weights, x, y, w[0] if w else None, split)
+        finally:
+            self.module.train()
         values = []
         for i, trial in enumerate(self.trials):
             metrics = trial.module.fresh_metrics().clone(prefix=f"{prefix}/").to(self.device)
@@ -410,6 +422,7 @@ class StackedFit:
         validation). A trial whose epoch's `train/loss` is not finite, or above
         `divergence.factor` times its first batch's, leaves as failed, as `Divergence` fails a
         fit."""
+        self.module.train()
         records = [Record() for _ in self.trials]
         current = list(records)  # aligned with the trials still in the stack
         x, y, *w = self.data["train"]

@@ -114,6 +114,7 @@ def run_batch(
 
 def train_stack(search: Search, study: optuna.Study, group: list, fit) -> dict[str, tuple]:
     """Train one stack, write and tell each trial; their trials and records by run id."""
+    from mlplab.speed.stacked import MASKS, draws_masks
     from mlplab.tracking import trial_runs
     from mlplab.tracking.logger import dataset_inputs
     from mlplab.tracking.store import ensure_experiment
@@ -121,6 +122,8 @@ def train_stack(search: Search, study: optuna.Study, group: list, fit) -> dict[s
     setup = search.setup
     numbers = [t.optuna.number for t in group]
     say(f"trials {', '.join(map(str, numbers))}: one stack of {len(group)}")
+    if draws_masks(group[0]):
+        say(f"trials {', '.join(map(str, numbers))} have dropout; {MASKS}")
     for built in group:
         say(f"trial {built.optuna.number}: {point_name(built.point)}")
     validations = {id(t): 0 for t in group}
