@@ -79,8 +79,6 @@ def test_per_trial_inputs_and_what_cannot_be_stacked():
     torch.testing.assert_close(out[1], net(1)(x[1]))
     with pytest.raises(ValueError, match="trial 1 is another architecture than trial 0: 0.bias"):
         Stack([net(0), net(1, hidden=9)])
-    with pytest.raises(ValueError, match="BatchNorm1d cannot be stacked .running statistics"):
-        Stack([nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))] * 2)
     with pytest.raises(ValueError, match="nesterov differs within the stack"):
         StackedOptimizer(stack, "torch.optim.SGD", [{"momentum": 0.9, "nesterov": True},
                                                     {"momentum": 0.9}])  # fmt: skip
@@ -100,4 +98,18 @@ def test_dropout_draws_each_trials_masks_and_is_off_in_eval():
     assert not torch.equal(zeros[0], zeros[1])  # each trial its own
     same.eval()  # the base network's mode rules the stack's (`functional_call`)
     torch.testing.assert_close(stack(x)[1], same(x))
+
+
+def test_batch_norm_keeps_each_trials_statistics():
+    nets = [nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)) for _ in range(2)]
+    for i, one in enumerate(nets):
+        torch.manual_seed(i)
+        one[0].reset_parameters()
+    stack = Stack(nets)
+    x = torch.randn(2, 8, 4)
+    out = stack(x)  # training mode: each trial's batch, normalised by its own statistics
+    for i, one in enumerate(nets):
+        torch.testing.assert_close(out[i], one(x[i]))  # and the nets' own running statistics
+        torch.testing.assert_close(stack.trial(i)["1.running_mean"], one[1].running_mean)
+    assert stack.trial(0)["1.num_batches_tracked"] == 1
 

@@ -9,8 +9,9 @@ for term, so a stacked trial's weights equal its own run's to float32 rounding.
     loss = per_trial_losses(stack(x), y).sum()  # trials are independent: each gets its gradient
     loss.backward(); optimizer.step(); optimizer.zero_grad()
 
-Exact for networks without running statistics or random layers. Batch norm's running
-statistics are refused. Dropout is stacked, each trial with masks of its own drawn from the
+Exact for networks without random layers: batch norm normalises each trial's batch by its own
+statistics and keeps each trial's running statistics (updated in place under vmap). Dropout
+is stacked, each trial with masks of its own drawn from the
 stack's one random stream (vmap's `randomness="different"`): not the masks its own run would
 draw, so such a trial ends as its run would in distribution, not to float32 rounding
 (`Stack.random` says so). Other buffers (a fixed input standardisation) are shared: the first
@@ -68,28 +69,35 @@ class Stack(nn.Module):
                 differ = sorted(set(architecture(module).items()) ^ set(shape.items()))
                 raise ValueError(f"trial {i} is another architecture than trial 0: "
                                  f"{', '.join(name for name, _ in differ)}")  # fmt: skip
-        for module in modules[0].modules():
-            if getattr(module, "track_running_stats", False):
-                raise ValueError(
-                    f"{type(module).__name__} cannot be stacked (running statistics per "
-                    "trial); train these trials one by one"
-                )
         # dropout: each trial's masks its own, drawn from one stream (not its run's)
         self.random = any(isinstance(m, RANDOM) for m in modules[0].modules())
         self.randomness = "different" if self.random else "error"
-        params, _ = stack_module_state(list(modules))
+        params, buffers = stack_module_state(list(modules))
         self.names = list(params)
         self.weights = nn.ParameterList(nn.Parameter(params[name]) for name in self.names)
+        # running statistics (batch norm's): each trial's own, updated in place under vmap
+        self.running_names = [
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in modules[0].named_modules()
+            if getattr(module, "track_running_stats", False)
+            for name, _ in module.named_buffers(recurse=False)
+        ]
+        self.running = [buffers[name] for name in self.running_names]
         self.bases = (modules[0],)  # the architecture and shared buffers (not a submodule)
         self.size = len(modules)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every trial's weights and running statistics, stacked, by name (`functional_call`'s)."""
+        return {**dict(zip(self.names, self.weights, strict=True)),
+                **dict(zip(self.running_names, self.running, strict=True))}  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def one(weights: dict, inputs: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.bases[0], weights, (inputs,))
+        def one(state: dict, inputs: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.bases[0], state, (inputs,))
 
         shared = x.dim() < 3 or x.shape[0] != self.size
         return vmap(one, in_dims=(0, None if shared else 0), randomness=self.randomness)(
-            dict(zip(self.names, self.weights, strict=True)), x
+            self.state(), x
         )
 
     def lay_out(self, strides: list[tuple[int, ...]]) -> None:
@@ -105,12 +113,12 @@ class Stack(nn.Module):
         memory layout."""
         self.weights = nn.ParameterList(nn.Parameter(rows(w.detach(), index))
                                         for w in self.weights)  # fmt: skip
+        self.running = [rows(b, index) for b in self.running]
         self.size = len(index)
 
     def trial(self, i: int) -> dict[str, torch.Tensor]:
-        """Trial `i`'s weights as its own network's `state_dict`."""
-        return {name: w[i].detach().clone() for name, w in zip(self.names, self.weights,
-                                                              strict=True)}  # fmt: skip
+        """Trial `i`'s weights and running statistics, as in its own network's `state_dict`."""
+        return {name: w[i].detach().clone() for name, w in self.state().items()}
 
 
 class StackedOptimizer:

@@ -339,12 +339,12 @@ class StackedFit:
             trial.module.setup("fit")
             trial.module.trainer = None
             trial.module.to(self.device)
-        names = {n for n, _ in self.module.named_buffers()}
-        for trial in trials[1:]:
+        self.stack = Stack([t.module for t in trials])
+        names = {n for n, _ in self.module.named_buffers()} - set(self.stack.running_names)
+        for trial in trials[1:]:  # the others are shared: the first trial's serve all
             for name, buffer in trial.module.named_buffers():
                 if name in names and not torch.equal(buffer, self.module.get_buffer(name)):
                     raise ValueError(f"{name} differs within the stack")
-        self.stack = Stack([t.module for t in trials])
         optimizers = [t.module.configure_optimizers() for t in trials]
         path = f"torch.optim.{type(optimizers[0]).__name__}"
         per_trial = [{k: v for k, v in o.param_groups[0].items() if k in DEFAULTS[path]}
@@ -368,7 +368,7 @@ class StackedFit:
         self.factor = divergence.get("factor") if divergence is not None else None
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.stack.names, self.stack.weights, strict=True))
+        return self.stack.state()
 
     def losses(self, weights, x, y, w, stage: str):
         """Each trial's loss and logits, vmapped: trial dim first on weights (and on x, y, w
@@ -501,7 +501,7 @@ class StackedFit:
                 record.best_step, record.best_epoch = step, self.max_epochs - 1
         if self.test_after:
             tested = {name: torch.stack([r.weights[name] for r in current])
-                      for name in self.stack.names}  # fmt: skip
+                      for name in self.stack.state()}  # fmt: skip
             found = self.evaluate("test", tested, 0, [Record() for _ in current], "test")
             for record, values in zip(current, found, strict=True):
                 record.metrics += [(k, v, record.best_step) for k, v in values.items()]
