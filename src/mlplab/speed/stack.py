@@ -139,6 +139,7 @@ class StackedOptimizer:
             if len({s.get(key) for s in settings}) > 1:
                 raise ValueError(f"{optimizer}: {key} differs within the stack; stack apart")
         self.kind, self.stack, self.settings = optimizer.rsplit(".", 1)[1], stack, settings
+        self.values: dict[tuple, torch.Tensor] = {}  # `value`'s, until the stack changes
         self.steps = 0
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in stack.weights]
 
@@ -147,6 +148,7 @@ class StackedOptimizer:
         (call with the stack's own `keep`)."""
         index = torch.tensor(positions)
         self.settings = [self.settings[i] for i in positions]
+        self.values.clear()
         self.state = [{k: rows(v, index) for k, v in state.items()} for state in self.state]
 
     def trial(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -156,10 +158,13 @@ class StackedOptimizer:
 
     def value(self, key: str, like: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """Each trial's setting `key` (element `index` of a tuple) shaped to broadcast over
-        a stacked parameter like `like`."""
-        return self.per_trial(
-            [s[key] if index is None else s[key][index] for s in self.settings], like
-        )
+        a stacked parameter like `like` (made once, until the stack changes)."""
+        cached = (key, index, like.dim(), like.dtype, like.device)
+        if cached not in self.values:
+            self.values[cached] = self.per_trial(
+                [s[key] if index is None else s[key][index] for s in self.settings], like
+            )
+        return self.values[cached]
 
     def per_trial(self, values: list[float], like: torch.Tensor) -> torch.Tensor:
         """One value per trial, shaped to broadcast over a stacked parameter like `like`."""

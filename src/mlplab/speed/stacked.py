@@ -364,8 +364,20 @@ class StackedFit:
         self.monitor = monitor
         self.mode = self.config.checkpoint.mode or better(monitor)
         self.test_after = self.config.get("test_after_fit", True) and "test" in self.data
+        self.collections: dict[tuple[int, str], Any] = {}  # `metrics`
         divergence = self.config.get("divergence")
         self.factor = divergence.get("factor") if divergence is not None else None
+
+    def metrics(self, trial: Trial, prefix: str):
+        """The trial's metrics for a split (`train/acc`, ...), made once and reset for each use
+        (a collection's copy costs more than the epoch's arithmetic of a small network)."""
+        key = (id(trial), prefix)
+        if key not in self.collections:
+            made = trial.module.fresh_metrics().clone(prefix=f"{prefix}/")
+            self.collections[key] = made.to(self.device)
+        collection = self.collections[key]
+        collection.reset()
+        return collection
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.stack.state()
@@ -405,7 +417,7 @@ class StackedFit:
             self.module.train()
         values = []
         for i, trial in enumerate(self.trials):
-            metrics = trial.module.fresh_metrics().clone(prefix=f"{prefix}/").to(self.device)
+            metrics = self.metrics(trial, prefix)
             metrics.update(*self.module.metric_inputs(logits[i], y))
             found = {f"{prefix}/loss": float(losses[i])}
             found.update({k: float(v) for k, v in metrics.compute().items()})
@@ -557,7 +569,7 @@ class StackedFit:
             index = torch.cat([ix for _, _, ix in outputs], dim=1)
             targets = [y[index[i]] for i in range(len(self.trials))]
         for i, trial in enumerate(self.trials):
-            metrics = trial.module.fresh_metrics().clone(prefix="train/").to(self.device)
+            metrics = self.metrics(trial, "train")
             metrics.update(*self.module.metric_inputs(logits[i], targets[i]))
             found = {"train/loss": float(mean_loss[i]), "epoch": float(epoch),
                      **{k: float(v) for k, v in metrics.compute().items()}}  # fmt: skip
