@@ -222,6 +222,26 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
     assert again.code == 0 and any("0 to run, 4 finished before" in s for s in again.said)
 
 
+def test_a_full_batch_trials_checkpoint_counts_as_its_fit(cli, tmp_path):
+    """One batch an epoch, taken in chunks by the fast path (configs/xor_relu.yaml): the loops'
+    counters, optimiser state and callbacks of the stacked trial's `last.ckpt` are its fit's."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+    args = ["--config", config("xor_relu"), "--trainer.max_epochs=200",
+            "--log_system_metrics=false"]  # fmt: skip
+    done = cli.run(["sweep", *args, "--grid", "seed_everything=[3]", "--stack", "1"],
+                   tmp_path, env)  # fmt: skip
+    assert done.code == 0, done.stderr[-2000:]
+    alone = cli.run(["fit", *args, "--seed_everything=3", "--run_name", "alone"], tmp_path, env)
+    assert alone.code == 0, alone.stderr[-2000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("xor_relu").experiment_id
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([experiment])}
+    folder = tmp_path / "mlruns" / "xor_relu"
+    ours, theirs = (torch.load(folder / runs[name] / "checkpoints" / "last.ckpt")
+                    for name in ("seed_everything=3", "alone"))  # fmt: skip
+    assert_same_checkpoint(ours, theirs)
+
+
 def assert_same_checkpoint(ours: dict, theirs: dict, path: str = "") -> None:
     """Two fits' checkpoints hold the same keys, counters and settings, and tensors equal to
     float32 rounding; the run's own folder and id aside."""

@@ -85,9 +85,8 @@ def batch_counts(datamodule) -> tuple[int, int, int, bool]:
         return 1 if whole and n else math.ceil(n / size) if n else 0
 
     steps = batches("train", datamodule.batch_size)
-    chunked = chunk > 1 and steps > 1
-    per = datamodule.batch_size * (chunk if chunked else 1)
-    return batches("train", per), steps, batches("val", per), chunked
+    per = datamodule.batch_size * chunk  # the fast path is on wherever chunks are asked for
+    return batches("train", per), steps, batches("val", per), chunk > 1
 
 
 def optimizer_state(module, state: dict, steps: int) -> dict:
