@@ -242,6 +242,30 @@ def test_a_full_batch_trials_checkpoint_counts_as_its_fit(cli, tmp_path):
     assert_same_checkpoint(ours, theirs)
 
 
+def test_a_stacked_best_childs_model_comes_back_from_its_checkpoint(cli, tmp_path):
+    """A sweep stopped after its stacked children were written but before the best one's model
+    (logged when every stack is done): run again, it logs that model from the child's best
+    checkpoint."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+    sweep = ["sweep", "--config", config("xor_relu"), "--trainer.max_epochs=200",
+             "--log_system_metrics=false", "--grid", "seed_everything=[1,2]", "--stack", "2"]
+    assert cli.run(sweep, tmp_path, env).code == 0
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("xor_relu").experiment_id
+    parent = parent_of(client, experiment, "sweep")
+    best = client.get_run(parent).data.tags["mlplab.best_child"]
+    (lost,) = client.search_logged_models(experiment_ids=[experiment])
+    client.delete_logged_model(lost.model_id)  # as if the sweep had stopped before it
+    client.set_terminated(parent, "KILLED")
+    again = cli.run(sweep, tmp_path, env)
+    assert again.code == 0, again.stderr[-2000:]
+    assert any("0 to run, 2 finished before" in line for line in again.said)
+    (model,) = client.search_logged_models(experiment_ids=[experiment])
+    assert model.source_run_id == best and model.model_id != lost.model_id
+    assert mlflow.pyfunc.load_model(model.artifact_location).predict(
+        np.zeros((4, 2), dtype=np.float32)).shape == (4, 1)
+
+
 def assert_same_checkpoint(ours: dict, theirs: dict, path: str = "") -> None:
     """Two fits' checkpoints hold the same keys, counters and settings, and tensors equal to
     float32 rounding; the run's own folder and id aside."""
@@ -353,8 +377,8 @@ def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
     assert again.code == 0 and any("has 6 results of 6" in line for line in again.said)
 
 
-def parent_of(client, experiment: str) -> str:
-    (parent,) = client.search_runs([experiment], "tags.`mlplab.command` = 'search'")
+def parent_of(client, experiment: str, command: str = "search") -> str:
+    (parent,) = client.search_runs([experiment], f"tags.`mlplab.command` = '{command}'")
     return parent.info.run_id
 
 

@@ -359,6 +359,8 @@ class Sweep:
 
             trial, record, _ = self.kept[best.info.run_id]
             trial_runs.log_model(best.info.run_id, trial, record, self.experiment, self.uri)
+        elif best is not None and STACK_TAG in best.data.tags and not self.has_model(best):
+            self.model_from_checkpoint(best)
         if best is not None:
             self.client.set_tag(parent, "mlplab.best_child", best.info.run_id)
             self.client.set_tag(parent, "mlplab.best_child_name", best.info.run_name)  # as listed
@@ -407,6 +409,35 @@ class Sweep:
         from mlplab.commands.sweep_figure import final_values
 
         self.client.log_figure(parent, final_values(groups, self.metric), "figures/final.png")
+
+    def has_model(self, run) -> bool:
+        found = self.client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'", max_results=1,
+        )  # fmt: skip
+        return bool(found)
+
+    def model_from_checkpoint(self, run) -> None:
+        """The logged model of a stacked best child that an earlier attempt wrote and was
+        stopped before the model (logged once every stack has trained): from its best
+        checkpoint, at its step, as `keep_if_best` would have had it logged."""
+        from mlplab.safety.trust import read_checkpoint
+        from mlplab.speed.stacked import Record, build
+        from mlplab.tracking import trial_runs
+        from mlplab.tracking.store import experiment_dir
+
+        folder = experiment_dir(self.experiment, self.uri) / run.info.run_id / "checkpoints"
+        saved = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+        if not saved:
+            print(f"mlplab: best child {run.info.run_name} has no checkpoint to log its model "
+                  f"from (looked in {folder})", file=sys.stderr)  # fmt: skip
+            return
+        checkpoint = read_checkpoint(saved[-1])
+        trial = build(self.fit_args(json.loads(run.data.tags[POINT_TAG])))
+        trial.datamodule.setup("fit")
+        record = Record(weights=dict(checkpoint["state_dict"]),
+                        best_step=checkpoint["global_step"])  # fmt: skip
+        trial_runs.log_model(run.info.run_id, trial, record, self.experiment, self.uri)
 
     def best(self, parent: str):
         done = [r for r in self.children(parent)
