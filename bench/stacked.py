@@ -92,6 +92,7 @@ def mnist(data_dir: str, size: int = 8, accelerator: str = "cpu",
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     alone = (time.perf_counter() - start) / 2
     where = f"{threads} thread{'s' if threads > 1 else ''}" if accelerator == "cpu" else "gpu"
+    torch.set_num_threads(1)  # as the benches after it expect
     name = f"mnist ({where}): s per trial-epoch, {size} stacked / one fit"
     return name, stacked, alone, stacked / alone
 

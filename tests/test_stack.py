@@ -112,4 +112,3 @@ def test_batch_norm_keeps_each_trials_statistics():
         torch.testing.assert_close(out[i], one(x[i]))  # and the nets' own running statistics
         torch.testing.assert_close(stack.trial(i)["1.running_mean"], one[1].running_mean)
     assert stack.trial(0)["1.num_batches_tracked"] == 1
-

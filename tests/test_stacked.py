@@ -363,9 +363,11 @@ def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
         assert "pruned by Optuna" in run.data.tags["mlplab.failure"]
         assert run.data.metrics["epoch"] < 7 and "test/acc" not in run.data.metrics
     assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in complete)
-    for run in complete:  # each resumes alone from its own latest checkpoint
-        last = tmp_path / "mlruns" / "moons" / run.info.run_id / "checkpoints" / "last.ckpt"
-        assert torch.load(last)["epoch"] == run.data.metrics["epoch"]
+    for run in complete:  # each has its latest checkpoint, at its last epoch, for its run
+        last = torch.load(tmp_path / "mlruns" / "moons" / run.info.run_id / "checkpoints"
+                          / "last.ckpt")  # fmt: skip
+        assert last["epoch"] == run.data.metrics["epoch"]
+        assert last["mlflow_run_id"] == run.info.run_id and last["optimizer_states"]
     assert any(f"6 trials ({len(complete)} complete, {len(pruned)} pruned" in line
                for line in done.said)  # fmt: skip
     best = client.get_run(parent_of(client, experiment)).data.tags["mlplab.best_child"]
@@ -380,6 +382,15 @@ def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
 def parent_of(client, experiment: str, command: str = "search") -> str:
     (parent,) = client.search_runs([experiment], f"tags.`mlplab.command` = '{command}'")
     return parent.info.run_id
+
+
+def test_batch_norm_trials_are_sized_without_touching_their_statistics():
+    trial = build([*BASE, "--model.net.batch_norm=true"])
+    before = {k: v.clone() for k, v in trial.module.state_dict().items()}
+    check_memory(trial, 2)  # runs one sample through the network (batch norm: in eval mode)
+    assert trial.module.training
+    for key, value in trial.module.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_a_stack_that_would_not_fit_says_the_size_that_does():

@@ -427,7 +427,8 @@ class Sweep:
         from mlplab.tracking.store import experiment_dir
 
         folder = experiment_dir(self.experiment, self.uri) / run.info.run_id / "checkpoints"
-        saved = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+        saved = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"),
+                       key=lambda path: path.stat().st_mtime)  # the newest best last
         if not saved:
             print(f"mlplab: best child {run.info.run_name} has no checkpoint to log its model "
                   f"from (looked in {folder})", file=sys.stderr)  # fmt: skip

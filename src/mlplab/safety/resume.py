@@ -43,8 +43,8 @@ def check_resumable(path: str | Path) -> None:
     if "optimizer_states" not in read_checkpoint(path):
         raise UserError(
             f"checkpoint {path} holds weights only (checkpoint.save_weights_only), not the "
-            "state a fit resumes from; resume from a full one (last.ckpt), or test or predict "
-            "with this one"
+            "state a fit resumes from; resume from one a fit wrote without save_weights_only, "
+            "or test or predict with this one"
         )
 
 

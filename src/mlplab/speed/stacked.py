@@ -104,7 +104,6 @@ class Record:
     best_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # with weights
     monitor: str | None = None  # the metric its best weights were chosen by, once validated
     best_value: float | None = None
-    current_value: float | None = None  # the monitor's at the latest validation
     initial: float | None = None  # its first batch's loss (the divergence check's scale)
 
 
@@ -265,26 +264,29 @@ FLOAT = 4  # bytes
 
 def bytes_per_trial(trial: Trial) -> int:
     """What one trial adds to a stack, at most: its weights with their gradient, optimiser
-    state and two copies (the best and the last), the activations of a training batch (kept
-    for the backward pass) and of the largest split evaluated at once, and an epoch's outputs
-    kept for its training metrics."""
+    state, and copies of both at the best and the last validation (the checkpoints'), the
+    activations of a training batch (kept for the backward pass) and of the largest split
+    evaluated at once, and an epoch's outputs kept for its training metrics."""
     module, data = trial.module, trial.datamodule
     weights = sum(p.numel() for p in module.parameters())
     state = STATE.get(type(module.configure_optimizers()).__name__, 3)
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
              for m in module.modules() if not list(m.children())]  # fmt: skip
+    training = module.training
+    module.eval()  # batch norm: no batch statistics of one sample, its running ones untouched
     try:
         with torch.no_grad():
             out = module(torch.zeros(1, *data.data["train"][0].shape[1:]))
     finally:
+        module.train(training)
         for hook in hooks:
             hook.remove()
     per_sample = sum(sizes) + out.numel()
     splits = {name: len(split[0]) for name, split in data.data.items()}
     batch = data.batch_size if 0 < data.batch_size < splits["train"] else splits["train"]
     largest = max(n for name, n in splits.items() if name != "train") if len(splits) > 1 else 0
-    return FLOAT * (weights * (4 + state) + 3 * batch * per_sample + largest * per_sample
+    return FLOAT * (weights * (4 + 3 * state) + 3 * batch * per_sample + largest * per_sample
                     + splits["train"] * out.numel())  # fmt: skip
 
 
@@ -479,7 +481,7 @@ class StackedFit:
                     current[i].metrics.append(("epoch", float(epoch), step))  # as a fit's
                     value = values.get(self.monitor)
                     if value is not None:
-                        current[i].monitor, current[i].current_value = self.monitor, value
+                        current[i].monitor = self.monitor
                     if value is not None and math.isfinite(value) and (best[i] is None or (
                         value < best[i] if self.mode == "min" else value > best[i]
                     )):  # fmt: skip

@@ -26,8 +26,8 @@ from mlplab.safety.divergence import Divergence
 
 
 def plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy in the row-major layout a network's own tensors have (a stack's may be
-    transposed: `Stack.lay_out`)."""
+    """A copy on the CPU, in the row-major layout a network's own tensors have (a stack's may
+    be transposed: `Stack.lay_out`); a checkpoint loads onto any device."""
     return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
 
 
@@ -108,7 +108,7 @@ def optimizer_state(module, state: dict, steps: int) -> dict:
         own = saved["state"].get(index, {})
         saved["state"][index] = {
             key: (torch.tensor(float(steps), dtype=value.dtype) if key == "step"
-                  else plain(state[name][key]) if key in state.get(name, {})
+                  else plain(state[name][key]) if value is not None and key in state.get(name, {})
                   else value)  # fmt: skip
             for key, value in own.items()
         }
@@ -120,29 +120,33 @@ def write(trial, record, run_id: str, directory: Path, config_text: str) -> list
     `last.ckpt` into `directory` (the run's `checkpoints/`), as its fit's `Checkpoint` and
     `LatestCheckpoint` would; their paths."""
     module, datamodule, config = trial.module, trial.datamodule, trial.config
+    if not record.weights or not all(w.isfinite().all() for w in record.last.values()
+                                     if w.is_floating_point()):  # fmt: skip
+        return []  # nothing to resume: no weights it chose, or weights no longer finite
     directory.mkdir(parents=True, exist_ok=True)
     batches, steps, val_batches, chunked = batch_counts(datamodule)
     callback = Checkpoint(**config.checkpoint.as_dict())
-    callback.dirpath = str(directory.resolve())
+    callback.dirpath = str(directory)  # as the fit's logger gives it (relative stays relative)
     callback.set_monitor(record.monitor)  # None: no validation, the latest is the best
 
     def at(step: int) -> dict:  # the metrics a fit has logged at this step (no test yet)
         return {key: value for key, value, at in record.metrics
                 if at == step and not key.startswith("test/")}  # fmt: skip
 
-    best_path = callback.format_checkpoint_name({**at(record.best_step),
-                                                 "epoch": record.best_epoch})  # fmt: skip
-    callback.best_model_path = callback.kth_best_model_path = best_path
-    if record.monitor is not None:
+    best_path = callback.format_checkpoint_name(
+        {**at(record.best_step), "epoch": record.best_epoch, "step": record.best_step}
+    )
+    callback.best_model_path = best_path
+    if record.monitor is not None and record.best_value is not None:
+        # as Lightning keeps them: the score of the last save (top-1: the best) is current
         score = torch.tensor(record.best_value)
-        callback.best_model_score = callback.kth_value = score
+        callback.kth_best_model_path = best_path
+        callback.best_model_score = callback.kth_value = callback.current_score = score
         callback.best_k_models = {best_path: score}
     divergence = Divergence(**config.divergence.as_dict())
     divergence.initial = record.initial
 
-    def checkpoint(weights: dict, state: dict, epochs: int, current: float | None) -> dict:
-        if current is not None:
-            callback.current_score = torch.tensor(current)
+    def checkpoint(weights: dict, state: dict, epochs: int) -> dict:
         own = module.state_dict()
         own.update({name: plain(weight) for name, weight in weights.items()})
         saved = {
@@ -160,15 +164,16 @@ def write(trial, record, run_id: str, directory: Path, config_text: str) -> list
             if owner.hparams:
                 # Lightning keeps the name `save_hyperparameters` stored the arguments under
                 # only here, and writes it from here (`_CheckpointConnector.dump_checkpoint`);
-                # no public accessor (Lightning-AI/pytorch-lightning#9631)
-                saved[owner.CHECKPOINT_HYPER_PARAMS_NAME] = getattr(owner, "_hparams_name", None)
+                # no public accessor (the key's meaning: Lightning-AI/pytorch-lightning#9631)
+                if hasattr(owner, "_hparams_name"):
+                    saved[owner.CHECKPOINT_HYPER_PARAMS_NAME] = owner._hparams_name
                 saved[owner.CHECKPOINT_HYPER_PARAMS_KEY] = dict(owner.hparams)
         metadata.write_fit(saved, module, datamodule, run_id)
         metadata.write_config(saved, config_text)
         return saved
 
-    best = checkpoint(record.weights, record.best_state, record.best_epoch + 1, record.best_value)
-    last = checkpoint(record.last, record.state, record.epochs, record.current_value)
+    best = checkpoint(record.weights, record.best_state, record.best_epoch + 1)
+    last = checkpoint(record.last, record.state, record.epochs)
     last_step = record.epochs * steps
     metadata.write_unwritten(last, {"metrics": at(last_step), "step": last_step})
     written = {Path(best_path): best}
