@@ -40,20 +40,24 @@ STEP = ("ready", "completed")
 ZERO_GRAD = ("ready", "started", "completed")
 
 
-def loops(epochs: int, batches: int, steps: int, val_batches: int, chunked: bool) -> dict:
-    """The loops' state of a fit saved at the end of its `epochs`-th epoch (validated) with
-    `batches` Lightning batches and `steps` optimiser steps an epoch; `chunked`: the fast path
-    stepped (`mlplab.speed.fast_path`, manual optimisation's counter)."""
+def loops(epochs: int, batches: int, steps: int, val_batches: int, chunked: bool,
+          validated: bool = True, in_validation: bool = False) -> dict:  # fmt: skip
+    """The loops' state of a fit saved at the end of its `epochs`-th epoch with `batches`
+    Lightning batches and `steps` optimiser steps an epoch; `chunked`: the fast path stepped
+    (`mlplab.speed.fast_path`, manual optimisation's counter); `validated`: that epoch ran its
+    validation (where it did not, Lightning has reset the validation loop's total);
+    `in_validation`: saved as that validation ended, before the epoch's last counts."""
+    ended = epochs - 1 if in_validation else epochs  # the epoch and its last batch, processed
     automatic = (steps, epochs * steps) if not chunked else (0, 0)
     manual = (epochs * steps, epochs * steps) if chunked else (0, 0)
-    epoch = {"current": {"ready": epochs, "started": epochs, "processed": epochs,
+    epoch = {"current": {"ready": epochs, "started": epochs, "processed": ended,
                          "completed": epochs - 1}}  # fmt: skip
     epoch["total"] = dict(epoch["current"])
     idle = {"batch_progress": {**counts(0, 0, BATCH), "is_last_batch": False}, "state_dict": {}}
     return {
         "fit_loop": {
             "state_dict": {},
-            "epoch_loop.state_dict": {"_batches_that_stepped": epochs * batches},
+            "epoch_loop.state_dict": {"_batches_that_stepped": epochs * batches - (epochs - ended)},
             "epoch_loop.batch_progress": {**counts(batches, epochs * batches, BATCH),
                                           "is_last_batch": True},  # fmt: skip
             "epoch_loop.scheduler_progress": counts(0, 0, STEP),
@@ -64,8 +68,10 @@ def loops(epochs: int, batches: int, steps: int, val_batches: int, chunked: bool
             "epoch_loop.manual_optimization.state_dict": {},
             "epoch_loop.manual_optimization.optim_step_progress": counts(*manual, STEP),
             "epoch_loop.val_loop.state_dict": {},
-            "epoch_loop.val_loop.batch_progress": {**counts(val_batches, val_batches, BATCH),
-                                                   "is_last_batch": val_batches > 0},
+            "epoch_loop.val_loop.batch_progress": {
+                **counts(val_batches, val_batches if validated else 0, BATCH),
+                "is_last_batch": val_batches > 0,
+            },
             "epoch_progress": epoch,
         },
         "validate_loop": copy.deepcopy(idle),
@@ -146,7 +152,13 @@ def write(trial, record, run_id: str, directory: Path, config_text: str) -> list
     divergence = Divergence(**config.divergence.as_dict())
     divergence.initial = record.initial
 
-    def checkpoint(weights: dict, state: dict, epochs: int) -> dict:
+    every = config.trainer.get("check_val_every_n_epoch") or 1
+    # where the best is saved: at the training epoch's end where every epoch validates, else
+    # as the validation ends (`ModelCheckpoint._should_save_on_train_epoch_end`'s rule)
+    on_epoch_end = config.checkpoint.get("save_on_train_epoch_end")
+    in_validation = not (every == 1 if on_epoch_end is None else on_epoch_end)
+
+    def checkpoint(weights: dict, state: dict, epochs: int, best: bool) -> dict:
         own = module.state_dict()
         own.update({name: plain(weight) for name, weight in weights.items()})
         saved = {
@@ -154,7 +166,8 @@ def write(trial, record, run_id: str, directory: Path, config_text: str) -> list
             "global_step": epochs * steps,
             "pytorch-lightning_version": lightning.__version__,
             "state_dict": own,
-            "loops": loops(epochs, batches, steps, val_batches, chunked),
+            "loops": loops(epochs, batches, steps, val_batches, chunked, epochs % every == 0,
+                           best and in_validation),
             "callbacks": {callback.state_key: callback.state_dict(),
                           divergence.state_key: divergence.state_dict()},
             "optimizer_states": [optimizer_state(module, state, epochs * steps)],
@@ -172,8 +185,8 @@ def write(trial, record, run_id: str, directory: Path, config_text: str) -> list
         metadata.write_config(saved, config_text)
         return saved
 
-    best = checkpoint(record.weights, record.best_state, record.best_epoch + 1)
-    last = checkpoint(record.last, record.state, record.epochs)
+    best = checkpoint(record.weights, record.best_state, record.best_epoch + 1, True)
+    last = checkpoint(record.last, record.state, record.epochs, False)
     last_step = record.epochs * steps
     metadata.write_unwritten(last, {"metrics": at(last_step), "step": last_step})
     written = {Path(best_path): best}
