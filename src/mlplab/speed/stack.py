@@ -45,6 +45,11 @@ RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
           nn.FeatureAlphaDropout)  # fmt: skip
 
 
+def draws_masks(module: nn.Module) -> bool:
+    """Whether the network has layers that draw random masks (`RANDOM`)."""
+    return any(isinstance(m, RANDOM) for m in module.modules())
+
+
 def architecture(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in module.named_parameters()}
 
@@ -70,7 +75,7 @@ class Stack(nn.Module):
                 raise ValueError(f"trial {i} is another architecture than trial 0: "
                                  f"{', '.join(name for name, _ in differ)}")  # fmt: skip
         # dropout: each trial's masks its own, drawn from one stream (not its run's)
-        self.random = any(isinstance(m, RANDOM) for m in modules[0].modules())
+        self.random = draws_masks(modules[0])
         self.randomness = "different" if self.random else "error"
         params, buffers = stack_module_state(list(modules))
         self.names = list(params)

@@ -36,7 +36,8 @@ from lightning.pytorch import LightningModule
 from torch.func import functional_call, vmap
 
 from mlplab.direction import better
-from mlplab.speed.stack import DEFAULTS, RANDOM, SHARED, Stack, StackedOptimizer
+from mlplab.speed import stack
+from mlplab.speed.stack import DEFAULTS, SHARED, Stack, StackedOptimizer
 
 # settings that may differ between the trials of one stack (beside an optimiser's own)
 PER_TRIAL = ("seed_everything", "model.init_args.lr")
@@ -254,7 +255,7 @@ MASKS = ("dropout draws each trial's masks from its stack's random stream, not f
 
 
 def draws_masks(trial: Trial) -> bool:
-    return any(isinstance(m, RANDOM) for m in trial.module.modules())
+    return stack.draws_masks(trial.module)
 
 
 # optimiser state per weight, at most (RMSprop: square average, gradient average, momentum)
