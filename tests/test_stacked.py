@@ -381,6 +381,45 @@ def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
     assert again.code == 0 and any("has 6 results of 6" in line for line in again.said)
 
 
+def test_a_stacked_search_beats_for_its_trials_and_takes_back_another_machines_lost_one(
+    cli, tmp_path
+):
+    """Stacked trials train outside `Study.optimize`, so the search records their heartbeats
+    itself (and Optuna's warning that it would not stays unsaid); a trial another machine left
+    RUNNING, silent for over the grace period, is failed and asked again, as a fit's is."""
+    import sqlite3
+
+    import optuna
+    from test_search import search_args
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+    first = cli.run(["search", *search_args(tmp_path, 2), "--stack", "2"], tmp_path, env)
+    assert first.code == 0, first.stderr[-2000:]
+    assert "Heartbeat" not in first.stderr
+    database = tmp_path / "mlruns" / "optuna.db"
+    (name,) = optuna.get_all_study_names(f"sqlite:///{database}")
+    with sqlite3.connect(database) as db:
+        beaten = {n for (n,) in db.execute(
+            "SELECT number FROM trials JOIN trial_heartbeats USING (trial_id)")}  # fmt: skip
+    assert beaten == {0, 1}
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{database}")
+    lost = study.ask()  # another machine's trial, whose process died: RUNNING, silent
+    lost.set_user_attr("mlplab.host", "elsewhere")
+    lost.set_user_attr("mlplab.pid", 1)
+    with sqlite3.connect(database) as db:
+        (trial_id,) = db.execute("SELECT trial_id FROM trials WHERE number = 2").fetchone()
+        db.execute("INSERT INTO trial_heartbeats (trial_id, heartbeat) "
+                   "VALUES (?, datetime('now', '-300 seconds'))", (trial_id,))  # fmt: skip
+    again = cli.run(["search", *search_args(tmp_path, 3), "--stack", "2"], tmp_path, env)
+    assert again.code == 0, again.stderr[-2000:]
+    assert "mlplab: trial 2 was lost with its process: it runs again" in again.said
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{database}").trials
+    assert trials[2].state.name == "FAIL"
+    (retry,) = [t for t in trials if t.user_attrs.get("mlplab.retry_of") == 2]
+    assert retry.state.is_finished() and retry.state.name != "FAIL"
+
+
 def parent_of(client, experiment: str, command: str = "search") -> str:
     (parent,) = client.search_runs([experiment], f"tags.`mlplab.command` = '{command}'")
     return parent.info.run_id

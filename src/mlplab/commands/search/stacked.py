@@ -7,10 +7,13 @@ own, so the same command again continues it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 import time
+import warnings
 
 import optuna
 from optuna.trial import TrialState
@@ -35,6 +38,9 @@ def optimize(search: Search, study: optuna.Study, size: int) -> None:
     started = time.monotonic()
     timeout = search.setup.timeout
     while True:
+        with warnings.catch_warnings():  # "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # as `Study.optimize` does before a trial
         search.reclaim(study)
         trials = study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING for t in trials)  # other workers' too
@@ -44,13 +50,43 @@ def optimize(search: Search, study: optuna.Study, size: int) -> None:
         if timeout is not None and time.monotonic() - started > timeout:
             say(f"search {search.setup.name}: --timeout {timeout:g} s reached")
             break
-        run_batch(search, study, [study.ask() for _ in range(min(size, left))], builder, kept)
+        with warnings.catch_warnings():  # their heartbeats are recorded here (`heartbeats`)
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            asked = [study.ask() for _ in range(min(size, left))]
+        with heartbeats(search, study, asked):
+            run_batch(search, study, asked, builder, kept)
     run_id = best_run(study)
     if run_id in kept:  # the best trial trained stacked here: its model (alone, it has one)
         from mlplab.tracking import trial_runs
 
         trial, record = kept[run_id]
         trial_runs.log_model(run_id, trial, record, search.setup.experiment, search.uri)
+
+
+@contextlib.contextmanager
+def heartbeats(search: Search, study: optuna.Study, asked: list[optuna.Trial]):
+    """The asked trials' heartbeats while they train: `Study.optimize` records them for the
+    trial it runs, and these run outside it. If this process dies, another machine's search
+    fails them and asks them again, as it does a lost fit's trial (`fail_stale_trials`)."""
+    storage = search.storage
+    study_id = storage.get_study_id_from_name(study.study_name)
+    ids = [storage.get_trial_id_from_study_id_trial_number(study_id, t.number) for t in asked]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial_id in ids:
+                storage.record_heartbeat(trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name="mlplab-heartbeats", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def best_run(study: optuna.Study) -> str | None:

@@ -187,6 +187,7 @@ class Search:
                 raise UserError(
                     f"cannot open the Optuna storage {redact_uri(self.storage_url)}: {reason}"
                 ) from None
+            self.storage = storage
             study = optuna.create_study(
                 study_name=self.study_name,
                 storage=storage,
