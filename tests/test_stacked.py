@@ -390,6 +390,7 @@ def test_a_stacked_search_beats_for_its_trials_and_takes_back_another_machines_l
     import sqlite3
 
     import optuna
+
     from test_search import search_args
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
