@@ -26,6 +26,7 @@ from mlplab.safety.divergence import Divergence
 from mlplab.safety.resume import check_fits, check_resumable, resolve_resume, slurm_root_dir
 from mlplab.safety.slurm import SLURMRequeue
 from mlplab.safety.trust import read_checkpoint, resolve_class, trust_checkpoints
+from mlplab.speed import collector
 from mlplab.speed.fast_path import FastPath
 from mlplab.tracking import provenance
 from mlplab.tracking.logged_models import log_model
@@ -286,6 +287,7 @@ class MLPLabCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """A class that cannot be built from its settings (a missing optional package, a value
         its `__init__` refuses) is one line naming the class, not jsonargparse's nested dump."""
+        collector.settle()  # every class of the config is imported by now
         try:
             super().instantiate_classes()
         except ValueError as err:

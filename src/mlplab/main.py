@@ -129,7 +129,9 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     from mlplab.safety import interrupts
+    from mlplab.speed import collector
 
+    collector.freeze_at_exit()
     interrupts.install()
     try:
         _quiet()
