@@ -342,6 +342,31 @@ def test_a_pruned_mate_leaves_the_stack_and_the_others_end_as_their_own_fits():
                 torch.testing.assert_close(weight, alone[key], atol=1e-5, rtol=0)
 
 
+def test_a_childs_params_and_metrics_go_in_as_few_writes_as_mlflows_limits_allow(tmp_path):
+    """1,500 metric values and the params of a fit: every one recorded, in the fewest
+    `log_batch` calls MLflow's limit of 1,000 entities a call allows (two, not three)."""
+    from mlplab.speed.stacked import Record
+    from mlplab.tracking import trial_runs
+    from mlplab.tracking.store import ensure_experiment, open_store
+
+    trial = build(BASE)
+    record = Record(metrics=[("train/loss", 1 / (1 + i), i) for i in range(1500)], epochs=1)
+    uri = open_store(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(uri)
+    calls = []
+    log_batch = client.log_batch
+    client.log_batch = lambda *args, **kwargs: calls.append(kwargs) or log_batch(*args, **kwargs)
+    run_id = trial_runs.write(client, ensure_experiment(client, "moons", uri), trial, record,
+                              "trial-0", {})  # fmt: skip
+    run = client.get_run(run_id)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1500))
+    assert 10 < len(run.data.params) < 100 and run.data.params["model.net.activation"] == "tanh"
+    assert len(calls) == 2 and run.info.status == "FINISHED"
+    assert [len(c["params"]) + len(c["metrics"]) for c in calls] == [
+        1000, len(run.data.params) + 500]
+
+
 def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
     """Six trials asked three at a time (SGD and Adam trials in separate stacks): each its own
     child run; a trial behind the median at a validation is pruned alone (KILLED, PRUNED, fewer

@@ -12,7 +12,7 @@ from mlplab.tracking import provenance
 from mlplab.tracking.logger import given_settings, run_params, shapes
 from mlplab.tracking.store import redact_uri
 
-METRICS_PER_WRITE = 1000  # MLflow's log_batch limits
+ENTITIES_PER_WRITE = 1000  # MLflow's log_batch limits: params, metrics and tags in all
 PARAMS_PER_WRITE = 100
 
 
@@ -43,13 +43,14 @@ def fill(client, run_id: str, trial, record, inputs, text: str) -> None:
     params, _ = run_params(trial.parser, trial.config, given_settings(trial.args))
     params.update({"trainer.world_size": 1, "trainer.nodes_used": 1, **shapes(trial.datamodule)})
     listed = [Param(k, str(v)[:250]) for k, v in params.items()]  # as Lightning's logger cuts
-    for i in range(0, len(listed), PARAMS_PER_WRITE):
-        client.log_batch(run_id, params=listed[i : i + PARAMS_PER_WRITE])
     now = int(time.time() * 1000)
     logged = {(key, step): value for key, value, step in record.metrics}  # `epoch` once a step
     metrics = [Metric(key, value, now, step) for (key, step), value in logged.items()]
-    for i in range(0, len(metrics), METRICS_PER_WRITE):
-        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_WRITE])
+    while listed or metrics:  # params and metrics together: one transaction for most runs
+        some = listed[:PARAMS_PER_WRITE]
+        more = metrics[: ENTITIES_PER_WRITE - len(some)]
+        client.log_batch(run_id, metrics=more, params=some)
+        listed, metrics = listed[len(some) :], metrics[len(more) :]
     if inputs:
         client.log_inputs(run_id, datasets=list(inputs))
     client.log_text(run_id, text, "config.yaml")
