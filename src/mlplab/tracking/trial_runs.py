@@ -12,9 +12,6 @@ from mlplab.tracking import provenance
 from mlplab.tracking.logger import given_settings, run_params, shapes
 from mlplab.tracking.store import redact_uri
 
-ENTITIES_PER_WRITE = 1000  # MLflow's log_batch limits: params, metrics and tags in all
-PARAMS_PER_WRITE = 100
-
 
 def write(
     client, experiment_id: str, trial, record, name: str, tags: dict, inputs=(),
@@ -46,11 +43,7 @@ def fill(client, run_id: str, trial, record, inputs, text: str) -> None:
     now = int(time.time() * 1000)
     logged = {(key, step): value for key, value, step in record.metrics}  # `epoch` once a step
     metrics = [Metric(key, value, now, step) for (key, step), value in logged.items()]
-    while listed or metrics:  # params and metrics together: one transaction for most runs
-        some = listed[:PARAMS_PER_WRITE]
-        more = metrics[: ENTITIES_PER_WRITE - len(some)]
-        client.log_batch(run_id, metrics=more, params=some)
-        listed, metrics = listed[len(some) :], metrics[len(more) :]
+    client.log_batch(run_id, metrics=metrics, params=listed)  # MLflow splits it at its limits
     if inputs:
         client.log_inputs(run_id, datasets=list(inputs))
     client.log_text(run_id, text, "config.yaml")
