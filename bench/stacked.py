@@ -33,8 +33,13 @@ MLPLAB = [sys.executable, "-m", "mlplab"]
 QUIET = ["--log_system_metrics=false"]
 
 
+def store(folder: Path) -> str:
+    """The tracking URI of a command timed in `folder`."""
+    return f"sqlite:///{folder}/mlruns/mlflow.db"
+
+
 def timed(command: list[str], folder: Path) -> float:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlruns/mlflow.db"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store(folder)}
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -74,9 +79,12 @@ def search(folder: Path) -> list[tuple[str, float, float, float]]:
 def trials_span(folder: Path) -> float:
     """Seconds from the search's first trial's start to its last trial's end, as its Optuna
     storage records them: the trials without the imports, store and model both sides pay."""
+    sys.path.insert(0, str(ROOT / "src"))
     import optuna
 
-    storage = f"sqlite:///{folder}/mlruns/optuna.db"
+    from mlplab.commands.search.study import default_storage
+
+    storage = default_storage(store(folder))
     (name,) = optuna.study.get_all_study_names(storage)
     trials = [t for t in optuna.load_study(study_name=name, storage=storage).trials
               if t.state.is_finished()]  # fmt: skip
