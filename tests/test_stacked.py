@@ -450,6 +450,35 @@ def parent_of(client, experiment: str, command: str = "search") -> str:
     return parent.info.run_id
 
 
+def test_a_trial_varied_from_the_last_parsed_is_built_as_its_parse_builds():
+    """A search's trial set on a copy of the last parsed config (no parse of its arguments)
+    has the config, initial weights and random state its own parse gives; a class, another
+    type or another set of keys is parsed."""
+    from mlplab.commands.sweep import point_args
+    from mlplab.speed.stacked import Builder
+
+    varied, parsed = Builder(), Builder()
+    points = [{"seed_everything": 3, "model.lr": 0.01, "run_name": "a"},
+              {"seed_everything": 4, "model.lr": 0.02, "run_name": "b"},  # varied
+              {"seed_everything": 5, "model.lr": 1, "run_name": "c"},  # an int for a float
+              {"seed_everything": 6, "model.lr": 0.03},  # another set of keys
+              {"seed_everything": 7, "model.lr": 0.04, "model.optimizer": "torch.optim.SGD"},
+              {"seed_everything": 8, "model.lr": 0.05, "model.optimizer": "torch.optim.Adam"}]
+    varied.build(BASE), parsed.build(BASE)  # the config as written, as a search starts
+    taken = []
+    for point in points:
+        args = [*BASE, *point_args(point)]
+        taken.append(varied.parsed is not None and varied.varied(point) is not None)
+        mine, theirs = varied.build(args, checked=point), parsed.build(args)
+        assert mine.config.as_dict() == theirs.config.as_dict(), point
+        assert torch.equal(mine.rng, theirs.rng)
+        for (key, value), other in zip(mine.module.state_dict().items(),
+                                       theirs.module.state_dict().values(), strict=True):
+            assert torch.equal(value, other), key
+    assert taken == [False, True, False, False, False, False]
+    assert mine.config.model.init_args.optimizer.class_path == "torch.optim.Adam"
+
+
 def test_batch_norm_trials_are_sized_without_touching_their_statistics():
     trial = build([*BASE, "--model.net.batch_norm=true"])
     before = {k: v.clone() for k, v in trial.module.state_dict().items()}

@@ -120,35 +120,71 @@ class Builder:
 
     def __init__(self) -> None:
         self.check = None
+        self.parsed = None  # the config last parsed (before its seed was drawn), its keys
 
-    def build(self, args: list[str]) -> Trial:
-        import logging
-
-        from lightning.pytorch import seed_everything
-
+    def build(self, args: list[str], checked: dict[str, Any] | None = None) -> Trial:
+        """`checked`: settings (CLI key: value, each value already checked against the config)
+        that `args` give last, where the arguments last parsed gave the same keys other values
+        and were otherwise the same. Where each key names a setting of the same type (int,
+        float, bool, str) there, the trial's config is a copy of the last parsed one with them
+        set: the config jsonargparse would return, without its parse (four fifths of a build)."""
         from mlplab import cli
         from mlplab.commands.search.check import ConfigCheck
 
         if self.check is None:
-            check = self.check = ConfigCheck(args)
-        else:
-            check = self.check
+            self.check = ConfigCheck(args)  # parsed, seeded and built as LightningCLI does
+            return self.trial(args)
+        config = self.varied(checked) if checked else None
+        if config is None:
             prepared = cli.with_experiment_name(cli.with_checkpoint_config(
                 cli.with_weights_only(cli.check_config_files(list(args)))))  # fmt: skip
-            check.config = check.parse(prepared)
-            seed = check.config.get("seed_everything")
-            if seed is not False:
-                said = logging.getLogger("lightning.fabric.utilities.seed")
-                level = said.level
-                said.setLevel(logging.WARNING)  # no "Seed set" line per trial
-                try:
-                    check.config.seed_everything = seed_everything(
-                        None if seed is True else seed, workers=True
-                    )
-                finally:
-                    said.setLevel(level)
-            check.before_instantiate_classes()
-            check.instantiate_classes()
+            config = self.check.parse(prepared)
+            self.parsed = config.clone(), set(checked or ())
+        return self.seeded(args, config)
+
+    def varied(self, checked: dict[str, Any]):
+        """The last parsed config with `checked` set; None where it set other keys, or one is
+        not a scalar setting of the same type there (a class, a config file, a value that
+        jsonargparse would convert)."""
+        from mlplab.commands.search.check import full_key
+
+        if self.parsed is None or self.parsed[1] != set(checked):
+            return None
+        config = self.parsed[0].clone()
+        for key, value in checked.items():
+            try:
+                key = full_key(config, key)
+            except KeyError:
+                return None
+            old = config[key]
+            if type(old) is not type(value) or not isinstance(value, int | float | bool | str):
+                return None
+            config[key] = value
+        return config
+
+    def seeded(self, args: list[str], config) -> Trial:
+        import logging
+
+        from lightning.pytorch import seed_everything
+
+        check = self.check
+        check.config = config
+        seed = config.get("seed_everything")
+        if seed is not False:
+            said = logging.getLogger("lightning.fabric.utilities.seed")
+            level = said.level
+            said.setLevel(logging.WARNING)  # no "Seed set" line per trial
+            try:
+                config.seed_everything = seed_everything(None if seed is True else seed,
+                                                         workers=True)  # fmt: skip
+            finally:
+                said.setLevel(level)
+        check.before_instantiate_classes()
+        check.instantiate_classes()
+        return self.trial(args)
+
+    def trial(self, args: list[str]) -> Trial:
+        check = self.check
         rng = torch.get_rng_state()
         config = check.config
         callbacks = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks or []]

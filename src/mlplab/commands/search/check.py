@@ -67,14 +67,22 @@ class ConfigCheck(MLPLabCLI):
 
 def lookup(config: Namespace, key: str):
     """A dotted CLI key's value (`model.lr` is `model.init_args.lr`); KeyError if none."""
-    node = config
+    return config[full_key(config, key)]
+
+
+def full_key(config: Namespace, key: str) -> str:
+    """A dotted CLI key as the config holds it (`model.lr`: `model.init_args.lr`); KeyError if
+    it names no setting."""
+    node, parts = config, []
     for part in key.split("."):
         if isinstance(node, Namespace) and part not in node and "init_args" in node:
             node = node["init_args"]
+            parts.append("init_args")
         if not isinstance(node, Namespace) or part not in node:
             raise KeyError(key)
         node = node[part]
-    return node
+        parts.append(part)
+    return ".".join(parts)
 
 
 def not_a_setting(config: Namespace, key: str) -> str | None:

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from mlplab.commands.search.space import suggest
 from mlplab.commands.search.study import HOST, Search, TrialFailed, counted, say
-from mlplab.commands.sweep import MATES_TAG, STACK_TAG, point_name
+from mlplab.commands.sweep import MATES_TAG, STACK_TAG, point_args, point_name
 from mlplab.errors import UserError
 
 
@@ -110,10 +110,10 @@ def run_batch(
                            "mlflow.run_id": None}.items():  # fmt: skip
             trial.set_user_attr(key, value)
         point = suggest(trial, setup.space)
-        args = [*setup.fit_args(point), "--experiment_name", setup.experiment,
-                "--run_name", f"trial-{trial.number}"]  # fmt: skip
-        try:
-            built = builder.build(args)
+        names = {"experiment_name": setup.experiment, "run_name": f"trial-{trial.number}"}
+        args = [*setup.fit_args(point), *point_args(names)]
+        try:  # the space's values were checked against the config before the first trial
+            built = builder.build(args, checked={**point, **names})
             built.point, built.optuna = point, trial
             why = stacked.refusal(built)
         except Exception as err:  # noqa: BLE001 - its own fit says what is wrong
