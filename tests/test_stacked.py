@@ -154,7 +154,8 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
     done = cli.run(sweep, tmp_path, env)
     assert done.code == 0, done.stderr[-2000:]
     assert sum("done (stacked, 4 trials)" in line for line in done.said) == 4
-    own = ["fit", "--config", config("moons"), "--seed_everything=2", "--model.lr=0.01",
+    # a child built on the sweep's parser after its first (whose lr is 0.01)
+    own = ["fit", "--config", config("moons"), "--seed_everything=2", "--model.lr=0.02",
            "--run_name", "alone", *settings]  # fmt: skip
     alone = cli.run(own, tmp_path, env)
     assert alone.code == 0, alone.stderr[-2000:]
@@ -164,7 +165,7 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
     runs = {run.info.run_name: run for run in client.search_runs([experiment])}
     children = [r for r in runs.values() if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
-    stacked, own = runs["seed_everything=2,model.lr=0.01"], runs["alone"]
+    stacked, own = runs["seed_everything=2,model.lr=0.02"], runs["alone"]
     assert stacked.data.params == own.data.params
     assert stacked.data.tags["mlplab.stack.mates"].count("seed_everything=") == 3
     assert sorted(stacked.data.metrics) == sorted(own.data.metrics)
@@ -199,8 +200,10 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
     # its checkpoints are the fit's: `last.ckpt` (loops, optimiser, callbacks) and the best
     folder = tmp_path / "mlruns" / "moons"
     saved = [a.path for a in client.list_artifacts(stacked.info.run_id, "checkpoints")]
-    assert saved == ["checkpoints/best-epoch=1.ckpt", "checkpoints/last.ckpt"]
-    for name in ("best-epoch=1.ckpt", "last.ckpt"):
+    assert saved == [a.path for a in client.list_artifacts(own.info.run_id, "checkpoints")]
+    assert saved[0].startswith("checkpoints/best-epoch=") and saved[1:] == [
+        "checkpoints/last.ckpt"]
+    for name in (path.removeprefix("checkpoints/") for path in saved):
         ours = torch.load(folder / stacked.info.run_id / "checkpoints" / name)
         theirs = torch.load(folder / own.info.run_id / "checkpoints" / name)
         assert_same_checkpoint(ours, theirs)
@@ -209,7 +212,7 @@ def test_a_stacked_sweep_records_each_trial_as_its_fit_would(cli, tmp_path):
     for run in (stacked, own):
         last = folder / run.info.run_id / "checkpoints" / "last.ckpt"
         resumed = cli.run(["fit", "--config", config("moons"), "--seed_everything=2",
-                           "--model.lr=0.01", "--trainer.max_epochs=3",
+                           "--model.lr=0.02", "--trainer.max_epochs=3",
                            "--log_system_metrics=false", "--ckpt_path", str(last)], tmp_path, env)
         assert resumed.code == 0, resumed.stderr[-2000:]
         assert client.get_run(run.info.run_id).info.status == "FINISHED"
@@ -451,31 +454,57 @@ def parent_of(client, experiment: str, command: str = "search") -> str:
 
 
 def test_a_trial_varied_from_the_last_parsed_is_built_as_its_parse_builds():
-    """A search's trial set on a copy of the last parsed config (no parse of its arguments)
-    has the config, initial weights and random state its own parse gives; a class, another
-    type or another set of keys is parsed."""
+    """A search's trial set on a copy of the last parsed config (its arguments not parsed)
+    has the config, hparams, initial weights and random state its own fit's parse gives;
+    a class, another type, another set of keys or other arguments are parsed."""
+    import random
+
+    from jsonargparse import ArgumentError
+
     from mlplab.commands.sweep import point_args
     from mlplab.speed.stacked import Builder
 
-    varied, parsed = Builder(), Builder()
-    points = [{"seed_everything": 3, "model.lr": 0.01, "run_name": "a"},
-              {"seed_everything": 4, "model.lr": 0.02, "run_name": "b"},  # varied
-              {"seed_everything": 5, "model.lr": 1, "run_name": "c"},  # an int for a float
-              {"seed_everything": 6, "model.lr": 0.03},  # another set of keys
-              {"seed_everything": 7, "model.lr": 0.04, "model.optimizer": "torch.optim.SGD"},
-              {"seed_everything": 8, "model.lr": 0.05, "model.optimizer": "torch.optim.Adam"}]
-    varied.build(BASE), parsed.build(BASE)  # the config as written, as a search starts
-    taken = []
-    for point in points:
-        args = [*BASE, *point_args(point)]
-        taken.append(varied.parsed is not None and varied.varied(point) is not None)
-        mine, theirs = varied.build(args, checked=point), parsed.build(args)
-        assert mine.config.as_dict() == theirs.config.as_dict(), point
+    def point(seed, lr, size=16, activation="tanh", norm=False, **more):
+        return {"seed_everything": seed, "model.lr": lr, "data.batch_size": size,
+                "model.net.activation": activation, "model.net.batch_norm": norm, **more}
+
+    cases = [  # (arguments before the point, the point, whether it is set on a copy)
+        (BASE, point(3, 0.01, run_name="a"), False),  # the first with these keys: parsed
+        (BASE, point(4, 0.02, 32, "relu", True, run_name="b"), True),
+        (BASE, point(5, 0.03, 8, run_name="c"), True),  # twice in a row
+        (BASE, point(6, 1, run_name="d"), False),  # an int for a float
+        (BASE, point(7, "fast", run_name="e"), False),  # refused by the parse
+        (BASE, point(8, 0.04, run_name="f"), True),  # from the last parsed config
+        ([*BASE, "--model.optimizer.weight_decay=0.1"], point(9, 0.05, run_name="g"), False),
+        (BASE, {"model.lr": 0.06, "run_name": "h"}, False),  # another set of keys
+        ([*BASE, "--seed_everything=true"], {"model.lr": 0.07, "run_name": "i"}, False),
+        ([*BASE, "--seed_everything=true"], {"model.lr": 0.08, "run_name": "j"}, True),
+        (BASE, point(10, 0.09, model__optimizer="torch.optim.SGD"), False),
+        (BASE, point(11, 0.1, model__optimizer="torch.optim.Adam"), False),  # a class
+    ]
+    varied = Builder()
+    varied.build(BASE)  # the config as written, as a search starts
+    parse, parsed = varied.check.parse, []
+    varied.check.parse = lambda args: parsed.append(args) or parse(args)
+    for number, (args, values, copied) in enumerate(cases):
+        values = {k.replace("__", "."): v for k, v in values.items()}
+        args = [*args, *point_args(values)]
+        del parsed[:]
+        random.seed(number)  # `seed_everything: true` draws the seed from Python's stream
+        if values["model.lr"] == "fast":
+            with pytest.raises(ArgumentError):
+                varied.build(args, checked=values)
+            continue
+        mine = varied.build(args, checked=values)
+        assert (not parsed) == copied, values
+        random.seed(number)
+        theirs = build(args)  # a CLI of its own, as the trial's fit builds it
+        assert mine.config.as_dict() == theirs.config.as_dict(), values
+        assert dict(mine.module.hparams) == dict(theirs.module.hparams), values
         assert torch.equal(mine.rng, theirs.rng)
         for (key, value), other in zip(mine.module.state_dict().items(),
                                        theirs.module.state_dict().values(), strict=True):
             assert torch.equal(value, other), key
-    assert taken == [False, True, False, False, False, False]
     assert mine.config.model.init_args.optimizer.class_path == "torch.optim.Adam"
 
 

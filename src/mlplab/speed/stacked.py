@@ -120,37 +120,40 @@ class Builder:
 
     def __init__(self) -> None:
         self.check = None
-        self.parsed = None  # the config last parsed (before its seed was drawn), its keys
+        # the last config parsed with `checked` settings (before its seed was drawn), its
+        # arguments without them, and their keys
+        self.parsed, self.base, self.keys = None, None, None
 
     def build(self, args: list[str], checked: dict[str, Any] | None = None) -> Trial:
-        """`checked`: settings (CLI key: value, each value already checked against the config)
-        that `args` give last, where the arguments last parsed gave the same keys other values
-        and were otherwise the same. Where each key names a setting of the same type (int,
-        float, bool, str) there, the trial's config is a copy of the last parsed one with them
-        set: the config jsonargparse would return, without its parse (four fifths of a build)."""
+        """`checked`: settings (CLI key: value) that `args` end with, as `--KEY=VALUE` flags,
+        each value already checked against the config. Where `args` without them are the last
+        parsed ones', with the same keys, and each names a setting holding a value of the
+        same type, the trial's config is a copy of that one with the values set; else `args`
+        are parsed."""
         from mlplab import cli
         from mlplab.commands.search.check import ConfigCheck
 
         if self.check is None:
             self.check = ConfigCheck(args)  # parsed, seeded and built as LightningCLI does
             return self.trial(args)
-        config = self.varied(checked) if checked else None
+        base = without(args, checked or {})
+        config = None
+        if base is not None and base == self.base and set(checked) == self.keys:
+            config = self.varied(checked)
         if config is None:
             prepared = cli.with_experiment_name(cli.with_checkpoint_config(
                 cli.with_weights_only(cli.check_config_files(list(args)))))  # fmt: skip
             config = self.check.parse(prepared)
-            self.parsed = config.clone(), set(checked or ())
+            if base is not None:
+                self.parsed, self.base, self.keys = config.clone(), base, set(checked)
         return self.seeded(args, config)
 
     def varied(self, checked: dict[str, Any]):
-        """The last parsed config with `checked` set; None where it set other keys, or one is
-        not a scalar setting of the same type there (a class, a config file, a value that
-        jsonargparse would convert)."""
+        """The last parsed config with `checked` set; None where one is not a scalar setting
+        of the same type there (a class, a config file, None, a list, an int for a float)."""
         from mlplab.commands.search.check import full_key
 
-        if self.parsed is None or self.parsed[1] != set(checked):
-            return None
-        config = self.parsed[0].clone()
+        config = self.parsed.clone()
         for key, value in checked.items():
             try:
                 key = full_key(config, key)
@@ -190,6 +193,16 @@ class Builder:
         callbacks = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks or []]
         return Trial({}, args, config, check.parser, check.model, check.datamodule, rng,
                      callbacks)  # fmt: skip
+
+
+def without(args: list[str], checked: dict[str, Any]) -> list[str] | None:
+    """`args` without the `--KEY=VALUE` flags of `checked` they end with (None: they do not)."""
+    if not checked or len(args) < len(checked):
+        return None
+    tail = args[len(args) - len(checked) :]
+    if [flag.split("=", 1)[0] for flag in tail] != [f"--{key}" for key in checked]:
+        return None
+    return args[: len(args) - len(checked)]
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -31,6 +31,13 @@ class ConfigCheck(MLPLabCLI):
     def instantiate_trainer(self, **kwargs):
         return None
 
+    def instantiate_classes(self) -> None:
+        # Lightning dumps the config once per CLI (`config_dump`) and gives the modules their
+        # hparams from it: a trial's config built on this CLI is another one
+        if hasattr(self, "config_dump"):
+            del self.config_dump
+        super().instantiate_classes()
+
     def parse(self, args: list[str]) -> Namespace:
         return self.parser.parse_args(args)
 

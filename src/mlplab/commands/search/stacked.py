@@ -112,7 +112,9 @@ def run_batch(
         point = suggest(trial, setup.space)
         names = {"experiment_name": setup.experiment, "run_name": f"trial-{trial.number}"}
         args = [*setup.fit_args(point), *point_args(names)]
-        try:  # the space's values were checked against the config before the first trial
+        # the space's bounds and choices were checked against the config before the first
+        # trial (`check_space`); a value between two bounds is taken as checked
+        try:
             built = builder.build(args, checked={**point, **names})
             built.point, built.optuna = point, trial
             why = stacked.refusal(built)
