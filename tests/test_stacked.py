@@ -408,6 +408,33 @@ def test_a_stacked_search_asks_tells_and_prunes_trial_by_trial(cli, tmp_path):
     assert again.code == 0 and any("has 6 results of 6" in line for line in again.said)
 
 
+def test_a_stacked_searchs_trials_end_as_the_same_trials_one_by_one(cli, tmp_path):
+    """The same six asked trials (learning rate, optimiser, momentum) stacked and one at a
+    time: each trial's validation losses are the same, epoch by epoch."""
+    from test_search import search_args
+
+    losses = {}
+    for name, more in (("stacked", ["--stack", "6"]), ("alone", [])):
+        folder = tmp_path / name
+        folder.mkdir()
+        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlruns/mlflow.db"}
+        args = search_args(folder, 6, "--pruner", "none", *more, epochs=3)
+        done = cli.run(["search", *args], folder, env)
+        assert done.code == 0, done.stderr[-2000:]
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("moons").experiment_id
+        losses[name] = {
+            run.data.tags["optuna.trial"]: [m.value for m in sorted(
+                client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)]
+            for run in client.search_runs([experiment], "tags.`optuna.trial` != ''")
+        }  # fmt: skip
+    assert len(losses["stacked"]) == 6 and losses["stacked"].keys() == losses["alone"].keys()
+    for trial, values in losses["stacked"].items():
+        assert len(values) == 3
+        np.testing.assert_allclose(values, losses["alone"][trial], rtol=0, atol=1e-5)
+    assert len({round(values[-1], 4) for values in losses["stacked"].values()}) == 6
+
+
 def test_a_stacked_search_beats_for_its_trials_and_takes_back_another_machines_lost_one(
     cli, tmp_path
 ):
