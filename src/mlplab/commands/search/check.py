@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 
+import yaml
 from jsonargparse import Namespace
 from torchmetrics import MetricCollection
 
@@ -32,10 +33,12 @@ class ConfigCheck(MLPLabCLI):
         return None
 
     def instantiate_classes(self) -> None:
-        # Lightning dumps the config once per CLI (`config_dump`) and gives the modules their
-        # hparams from it: a trial's config built on this CLI is another one
-        if hasattr(self, "config_dump"):
-            del self.config_dump
+        # Lightning gives the modules their hparams from the config's dump, made once per CLI
+        # (`config_dump`): each trial built on this CLI has a config of its own, checked when
+        # it was parsed (or its values were), dumped here as Lightning dumps it, unvalidated
+        dump = self.parser.dump(self.config, skip_link_targets=False, skip_none=False,
+                                skip_validation=True)  # fmt: skip
+        self.config_dump = yaml.safe_load(dump)
         super().instantiate_classes()
 
     def parse(self, args: list[str]) -> Namespace:
