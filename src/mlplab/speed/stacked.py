@@ -2,7 +2,9 @@
 (`mlplab sweep --stack N`, `mlplab search --stack N`).
 
 Each trial is built as `mlplab fit` builds it (its config parsed, its seed set, its datamodule
-and module made), so it starts from its own run's weights. Its batches come in its own run's
+and module made, with hparams from its own config), so it starts from its own run's weights; a
+search's trial whose checked values are all that differ is set on a copy of the last parsed
+config (`Builder.build`). Its batches come in its own run's
 order: a generator per trial, started from torch's global state after the trial was built,
 replays the draws a fit's data loaders make from that stream (each training epoch's loader
 draws a base seed, then its sampler's seed; each validation's loader a base seed; Lightning's
